@@ -1,0 +1,247 @@
+//! The embedded, in-process broker of a single node: subscriptions are
+//! counted, deliveries go straight to the node's listener, history is a
+//! [`MemoryHistory`] and presence a map of counters.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::Utf8Bytes;
+use futures::future::{self, BoxFuture, FutureExt};
+use tokio::sync::mpsc;
+
+use super::{Broker, BrokerError, BrokerState, Channel, Delivery};
+use crate::history::memory::MemoryHistory;
+use crate::history::{Replay, Stored};
+use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
+
+pub struct MemoryBroker {
+    history: MemoryHistory,
+    /// Reference counts of subscribed channels.
+    subscriptions: Mutex<HashMap<Channel, usize>>,
+    /// Connection counts per user per room.
+    presence: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, usize>>>,
+    /// Unbounded so that publishing never waits: the listener only
+    /// `try_send`s to client queues, and client input is rate limited.
+    deliveries: mpsc::UnboundedSender<Delivery>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl MemoryBroker {
+    /// The broker and the stream of deliveries for the node's listener. Starts
+    /// a task that expires silent rooms' history; it ends with the broker.
+    pub fn start(
+        history_size: usize,
+        history_ttl: Duration,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Delivery>) {
+        let (deliveries, incoming) = mpsc::unbounded_channel();
+        let broker = Arc::new(MemoryBroker {
+            history: MemoryHistory::new(history_size, history_ttl),
+            subscriptions: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
+            deliveries,
+        });
+        let sweep_every = (history_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(expire_history(Arc::downgrade(&broker), sweep_every));
+        (broker, incoming)
+    }
+
+    fn subscribed(&self, channel: &Channel) -> bool {
+        lock(&self.subscriptions).contains_key(channel)
+    }
+
+    fn deliver(&self, delivery: Delivery) {
+        // The receiver is gone only while the node shuts down.
+        let _ = self.deliveries.send(delivery);
+    }
+}
+
+async fn expire_history(broker: Weak<MemoryBroker>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match broker.upgrade() {
+            Some(broker) => broker.history.expire(Instant::now()),
+            None => return,
+        }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn state(&self) -> BrokerState {
+        BrokerState::Up
+    }
+
+    fn publish_room<'a>(
+        &'a self,
+        room: &'a str,
+        message: MessageTemplate,
+        key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Stored, BrokerError>> {
+        // Checked under the history lock: a joiner that subscribes after this
+        // check reads history after this append, so it misses nothing.
+        let stored = self.history.append(room, &message, key, now_ms(), |frame| {
+            if self.subscribed(&Channel::Room(frame.room.clone())) {
+                self.deliver(Delivery::Room(frame));
+            }
+        });
+        future::ready(Ok(stored)).boxed()
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        text: Utf8Bytes,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>> {
+        let receivers = if self.subscribed(channel) {
+            self.deliver(match channel {
+                Channel::Room(room) => Delivery::Room(Arc::new(RoomFrame {
+                    room: room.clone(),
+                    id: None,
+                    text,
+                })),
+                Channel::User(user) => Delivery::User {
+                    user: user.clone(),
+                    text,
+                },
+                Channel::Broadcast => Delivery::Broadcast(text),
+            });
+            1
+        } else {
+            0
+        };
+        future::ready(Ok(receivers)).boxed()
+    }
+
+    fn subscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
+        *lock(&self.subscriptions).entry(channel).or_insert(0) += 1;
+        future::ready(Ok(())).boxed()
+    }
+
+    fn unsubscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let mut subscriptions = lock(&self.subscriptions);
+        if let Some(count) = subscriptions.get_mut(&channel) {
+            *count -= 1;
+            if *count == 0 {
+                subscriptions.remove(&channel);
+            }
+        }
+        future::ready(Ok(())).boxed()
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        catch_up: CatchUp,
+    ) -> BoxFuture<'a, Result<Replay, BrokerError>> {
+        future::ready(Ok(self.history.read(room, catch_up))).boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let mut presence = lock(&self.presence);
+        let users = presence.entry(Arc::from(room)).or_default();
+        let count = users.entry(Arc::from(user)).or_insert(0);
+        *count += 1;
+        future::ready(Ok(*count == 1)).boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let mut presence = lock(&self.presence);
+        let mut gone = false;
+        if let Some(users) = presence.get_mut(room) {
+            if let Some(count) = users.get_mut(user) {
+                *count -= 1;
+                if *count == 0 {
+                    users.remove(user);
+                    gone = true;
+                }
+            }
+            if users.is_empty() {
+                presence.remove(room);
+            }
+        }
+        future::ready(Ok(gone)).boxed()
+    }
+
+    fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {
+        let mut users: Vec<String> = lock(&self.presence)
+            .get(room)
+            .map(|users| users.keys().map(|u| u.to_string()).collect())
+            .unwrap_or_default();
+        users.sort();
+        future::ready(Ok(users)).boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn subscriptions_are_counted_and_only_subscribed_channels_deliver() {
+        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let alice = Channel::User("alice".into());
+        assert_eq!(broker.publish(&alice, "x".into()).await.unwrap(), 0);
+        broker.subscribe(alice.clone()).await.unwrap();
+        broker.subscribe(alice.clone()).await.unwrap();
+        broker.unsubscribe(alice.clone()).await.unwrap();
+        assert_eq!(broker.publish(&alice, "y".into()).await.unwrap(), 1);
+        match incoming.recv().await.unwrap() {
+            Delivery::User { user, text } => assert_eq!((&*user, text.as_str()), ("alice", "y")),
+            other => panic!("unexpected {other:?}"),
+        }
+        broker.unsubscribe(alice.clone()).await.unwrap();
+        assert_eq!(broker.publish(&alice, "z".into()).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn room_messages_are_stored_even_without_subscribers() {
+        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let template = MessageTemplate::new("r", "u", &data);
+        let stored = broker.publish_room("r", template.clone(), None).await.unwrap();
+        assert!(incoming.try_recv().is_err());
+        let replay = broker.history("r", CatchUp::Last(5)).await.unwrap();
+        assert_eq!(replay.messages[0].id, Some(stored.id));
+        broker.subscribe(Channel::Room("r".into())).await.unwrap();
+        let second = broker.publish_room("r", template, None).await.unwrap();
+        match incoming.recv().await.unwrap() {
+            Delivery::Room(frame) => assert_eq!(frame.id, Some(second.id)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn presence_counts_connections_per_user() {
+        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        assert!(broker.presence_add("r", "bob").await.unwrap());
+        assert!(!broker.presence_add("r", "bob").await.unwrap());
+        assert!(broker.presence_add("r", "amy").await.unwrap());
+        assert_eq!(broker.presence("r").await.unwrap(), vec!["amy", "bob"]);
+        assert!(!broker.presence_remove("r", "bob").await.unwrap());
+        assert!(broker.presence_remove("r", "bob").await.unwrap());
+        assert_eq!(broker.presence("r").await.unwrap(), vec!["amy"]);
+    }
+}

@@ -1,0 +1,128 @@
+//! The cross-node transport: what nodes share. A node publishes room
+//! messages (stored in history and published as one atomic step), direct
+//! messages, broadcasts and presence events through its [`Broker`], and
+//! receives, on one stream, every [`Delivery`] for the channels it is
+//! subscribed to. The hub and sessions only ever see this trait, so the
+//! in-process broker ([`memory`]) and a Redis one are interchangeable.
+
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::history::{Replay, Stored};
+use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
+
+/// A pub/sub channel. Rooms and users each have one; `Broadcast` reaches
+/// every node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channel {
+    Room(Arc<str>),
+    User(Arc<str>),
+    Broadcast,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Channel::Room(room) => write!(f, "room:{room}"),
+            Channel::User(user) => write!(f, "user:{user}"),
+            Channel::Broadcast => f.write_str("broadcast"),
+        }
+    }
+}
+
+/// An incoming frame for local fan-out, already encoded.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// A room message or presence event, to the room's local members.
+    Room(Arc<RoomFrame>),
+    /// A direct message, to every local connection of `user`.
+    User { user: Arc<str>, text: Utf8Bytes },
+    /// To every local connection.
+    Broadcast(Utf8Bytes),
+}
+
+/// Whether the broker can currently carry messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerState {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The cross-node transport, history and presence store of a node.
+///
+/// Contracts every implementation keeps:
+/// - `subscribe`/`unsubscribe` are reference-counted per channel: the first
+///   `subscribe` of a channel subscribes the node, the last `unsubscribe`
+///   drops it. `subscribe` returns only once a message published afterwards
+///   is sure to be delivered, so a join can subscribe, then read history,
+///   without a gap.
+/// - `publish_room` assigns the message id, stores the message and publishes
+///   it as one step: every node sees a room's messages in id order.
+/// - Deliveries are frames already encoded for clients; nodes never re-encode
+///   them per recipient.
+pub trait Broker: Send + Sync {
+    /// A short name for `/stats`: `memory`, `redis`, …
+    fn kind(&self) -> &'static str;
+
+    fn state(&self) -> BrokerState;
+
+    /// Stores a room message in history and publishes it to the room's channel.
+    fn publish_room<'a>(
+        &'a self,
+        room: &'a str,
+        message: MessageTemplate,
+        key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Stored, BrokerError>>;
+
+    /// Publishes an already encoded frame that is not stored in history
+    /// (direct, broadcast, presence events). Returns how many nodes were
+    /// subscribed to the channel: 0 means nobody received it.
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        text: Utf8Bytes,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>>;
+
+    fn subscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    fn unsubscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// The messages a joining client gets before live ones.
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        catch_up: CatchUp,
+    ) -> BoxFuture<'a, Result<Replay, BrokerError>>;
+
+    /// Counts one more connection of `user` in `room`; true when the user
+    /// was not present before (a presence `join` event is due).
+    fn presence_add<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+
+    /// Counts one connection of `user` less in `room`; true when it was the
+    /// user's last (a presence `leave` event is due).
+    fn presence_remove<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+
+    /// The users present in `room`, sorted.
+    fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>>;
+}

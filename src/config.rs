@@ -1,0 +1,216 @@
+//! Every knob of a node: a CLI flag and an environment variable each, with
+//! the defaults documented in `--help` and the README.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A horizontally scalable WebSocket broadcast server.
+///
+/// Clients connect to /ws and exchange JSON frames (protocol v1, see
+/// docs/PROTOCOL.md): rooms with history and resume, direct messages to a
+/// user, broadcast to everybody, presence. Without JWT_SECRET the node runs
+/// in dev mode: anybody may connect as any user (`/ws?user=alice`).
+/// Durations take a unit: 500ms, 25s, 10m, 1h.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "roomcast", version, max_term_width = 100)]
+pub struct Config {
+    /// Address and port to listen on.
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// This node's name, shown in `welcome` and /stats [default: <hostname>-<pid>].
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// HS256 secret: when set, every connection needs a JWT whose `sub` is the user.
+    /// Unset: dev mode (no auth, every permission granted).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Clock skew tolerated when checking a token's `exp`, at connect and on live sessions.
+    #[arg(long, env = "JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Allow dev mode (no JWT_SECRET) on a non-loopback address.
+    #[arg(long, env = "INSECURE")]
+    pub insecure: bool,
+
+    /// Largest frame a client may send, in bytes; larger ones close the connection with 1009.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Outbound queue per connection, in messages; a client that lets it fill is closed with 4008.
+    #[arg(long, env = "CLIENT_QUEUE", default_value_t = 1024)]
+    pub client_queue: usize,
+
+    /// Interval of WebSocket pings; a peer silent for two intervals is disconnected.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Messages kept per room for resume and backlog.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+
+    /// A room's history (and its idempotency keys) is dropped after this long without a message.
+    #[arg(long, env = "HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// Frames per second a connection may send (token bucket refill rate).
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+
+    /// Token bucket size: frames a connection may send in a burst. This many refused
+    /// frames in a row close the connection with 4029.
+    #[arg(long, env = "RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+
+    /// Rooms one connection may be in at once.
+    #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
+    pub max_rooms_per_connection: usize,
+
+    /// Comma-separated browser origins allowed to connect (e.g. https://app.example.com),
+    /// or `*`. Empty: any. Requests without an Origin header (not browsers) are always allowed.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,roomcast=debug`).
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this window, then the node exits.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "refusing to listen on {0} in dev mode (no JWT_SECRET): anybody could connect as anybody. \
+         Set JWT_SECRET, bind a loopback address, or pass --insecure"
+    )]
+    DevModeOnPublicAddress(SocketAddr),
+    #[error("{0} must be at least {1}")]
+    TooSmall(&'static str, u64),
+    #[error("RATE_LIMIT must be a positive number of frames per second")]
+    BadRateLimit,
+}
+
+impl Config {
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+
+    /// Checks what clap cannot: combinations and lower bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dev_mode() && !self.bind.ip().is_loopback() && !self.insecure {
+            return Err(ConfigError::DevModeOnPublicAddress(self.bind));
+        }
+        let at_least = |name, value: u64, min| {
+            if value < min {
+                Err(ConfigError::TooSmall(name, min))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("MAX_MESSAGE_BYTES", self.max_message_bytes as u64, 256)?;
+        at_least("CLIENT_QUEUE", self.client_queue as u64, 1)?;
+        at_least("HISTORY_SIZE", self.history_size as u64, 1)?;
+        at_least("RATE_BURST", self.rate_burst as u64, 1)?;
+        at_least("MAX_ROOMS_PER_CONNECTION", self.max_rooms_per_connection as u64, 1)?;
+        at_least("HEARTBEAT_INTERVAL (ms)", self.heartbeat_interval.as_millis() as u64, 10)?;
+        at_least("HISTORY_TTL (ms)", self.history_ttl.as_millis() as u64, 1)?;
+        if !(self.rate_limit.is_finite() && self.rate_limit > 0.0) {
+            return Err(ConfigError::BadRateLimit);
+        }
+        Ok(())
+    }
+
+    /// NODE_ID, or `<hostname>-<pid>`.
+    pub fn node_name(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".to_string());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// Parses `500ms`, `25s`, `10m`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 25s, 10m or 1h"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut all = vec!["roomcast"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).unwrap()
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("25s"), Ok(Duration::from_secs(25)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 days").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn dev_mode_refuses_public_addresses_unless_insecure() {
+        let public = config(&["--bind", "0.0.0.0:8080"]);
+        assert_eq!(
+            public.validate(),
+            Err(ConfigError::DevModeOnPublicAddress("0.0.0.0:8080".parse().unwrap()))
+        );
+        assert!(config(&["--bind", "0.0.0.0:8080", "--insecure"]).validate().is_ok());
+        assert!(config(&["--bind", "0.0.0.0:8080", "--jwt-secret", "s"]).validate().is_ok());
+        assert!(config(&[]).validate().is_ok());
+    }
+
+    #[test]
+    fn lower_bounds_are_checked() {
+        assert!(config(&["--client-queue", "0"]).validate().is_err());
+        assert!(config(&["--rate-limit", "0"]).validate().is_err());
+        assert!(config(&["--allowed-origins", "https://a.example,https://b.example"])
+            .allowed_origins
+            .len()
+            == 2);
+    }
+}

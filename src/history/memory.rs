@@ -1,0 +1,314 @@
+//! The embedded history: a ring of the last `HISTORY_SIZE` messages per room,
+//! dropped after `HISTORY_TTL` of silence, with idempotency keys remembered
+//! for the same TTL.
+//!
+//! Ids are `<ms>-<seq>` like Redis Stream ids and increase across the whole
+//! node, so a room whose history expired and started again never reuses an
+//! id a client may still hold.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{Replay, Stored};
+use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
+
+/// How many idempotency keys a room remembers per message of history.
+const KEYS_PER_HISTORY_SLOT: usize = 4;
+
+pub struct MemoryHistory {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+struct Inner {
+    rooms: HashMap<Arc<str>, RoomLog>,
+    last_issued: MessageId,
+}
+
+struct RoomLog {
+    messages: VecDeque<Arc<RoomFrame>>,
+    /// A `since` at or above this id is covered: every later message is
+    /// still in `messages`. It is the last trimmed id, or the id just below
+    /// the first this log held (earlier ids are unknown to it).
+    complete_after: MessageId,
+    last_activity: Instant,
+    keys: HashMap<Box<str>, MessageId>,
+    key_order: VecDeque<(Box<str>, Instant)>,
+}
+
+impl MemoryHistory {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        MemoryHistory {
+            inner: Mutex::new(Inner {
+                rooms: HashMap::new(),
+                last_issued: MessageId::ZERO,
+            }),
+            capacity: capacity.max(1),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stores a message and hands the new frame to `publish` while the lock is
+    /// still held, so frames reach subscribers in id order. A repeated
+    /// idempotency key stores nothing and returns the first id.
+    pub fn append(
+        &self,
+        room: &str,
+        template: &MessageTemplate,
+        key: Option<&str>,
+        now_ms: u64,
+        publish: impl FnOnce(Arc<RoomFrame>),
+    ) -> Stored {
+        let now = Instant::now();
+        let ttl = self.ttl;
+        let mut inner = self.lock();
+        if let Some(log) = inner.rooms.get_mut(room) {
+            log.forget_keys_older_than(now, ttl);
+            if let Some(id) = key.and_then(|k| log.keys.get(k)) {
+                return Stored {
+                    id: *id,
+                    duplicate: true,
+                };
+            }
+        }
+        let last = inner.last_issued;
+        let id = if now_ms > last.ms {
+            MessageId::new(now_ms, 0)
+        } else {
+            last.successor()
+        };
+        inner.last_issued = id;
+        let room: Arc<str> = match inner.rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
+        };
+        let log = inner
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| RoomLog {
+                messages: VecDeque::new(),
+                complete_after: predecessor(id),
+                last_activity: now,
+                keys: HashMap::new(),
+                key_order: VecDeque::new(),
+            });
+        let frame = Arc::new(RoomFrame {
+            room,
+            id: Some(id),
+            text: template.with_id(id).into(),
+        });
+        if log.messages.len() == self.capacity {
+            if let Some(trimmed) = log.messages.pop_front() {
+                log.complete_after = trimmed.id.unwrap_or(log.complete_after);
+            }
+        }
+        log.messages.push_back(frame.clone());
+        log.last_activity = now;
+        if let Some(key) = key {
+            log.remember_key(key, id, now, self.capacity * KEYS_PER_HISTORY_SLOT);
+        }
+        publish(frame);
+        Stored {
+            id,
+            duplicate: false,
+        }
+    }
+
+    /// The messages a joining client needs first.
+    pub fn read(&self, room: &str, catch_up: CatchUp) -> Replay {
+        let inner = self.lock();
+        let log = inner.rooms.get(room);
+        match catch_up {
+            CatchUp::None => Replay {
+                messages: Vec::new(),
+                recovered: true,
+            },
+            CatchUp::Last(n) => Replay {
+                messages: log
+                    .map(|log| {
+                        let skip = log.messages.len().saturating_sub(n);
+                        log.messages.iter().skip(skip).cloned().collect()
+                    })
+                    .unwrap_or_default(),
+                recovered: true,
+            },
+            // A room without history cannot prove that nothing after `since`
+            // existed (it may have expired, or the node restarted).
+            CatchUp::Since(since) => match log {
+                None => Replay {
+                    messages: Vec::new(),
+                    recovered: false,
+                },
+                Some(log) => {
+                    let start = log
+                        .messages
+                        .partition_point(|m| m.id.is_some_and(|id| id <= since));
+                    Replay {
+                        messages: log.messages.range(start..).cloned().collect(),
+                        recovered: since >= log.complete_after,
+                    }
+                }
+            },
+        }
+    }
+
+    /// Drops rooms silent for longer than the TTL, and expired keys.
+    pub fn expire(&self, now: Instant) {
+        let ttl = self.ttl;
+        let mut inner = self.lock();
+        inner
+            .rooms
+            .retain(|_, log| now.duration_since(log.last_activity) < ttl);
+        for log in inner.rooms.values_mut() {
+            log.forget_keys_older_than(now, ttl);
+        }
+    }
+
+    /// (rooms with history, messages held)
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let messages = inner.rooms.values().map(|log| log.messages.len()).sum();
+        (inner.rooms.len(), messages)
+    }
+}
+
+impl RoomLog {
+    fn remember_key(&mut self, key: &str, id: MessageId, now: Instant, max_keys: usize) {
+        self.keys.insert(key.into(), id);
+        self.key_order.push_back((key.into(), now));
+        while self.key_order.len() > max_keys {
+            if let Some((old, _)) = self.key_order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
+    }
+
+    fn forget_keys_older_than(&mut self, now: Instant, ttl: Duration) {
+        while let Some((key, at)) = self.key_order.front() {
+            if now.duration_since(*at) < ttl {
+                break;
+            }
+            self.keys.remove(key);
+            self.key_order.pop_front();
+        }
+    }
+}
+
+/// The largest id below `id`.
+fn predecessor(id: MessageId) -> MessageId {
+    match id.seq.checked_sub(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
+        None => MessageId::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn template(n: u32) -> MessageTemplate {
+        let data = RawValue::from_string(n.to_string()).unwrap();
+        MessageTemplate::new("r", "u", &data)
+    }
+
+    fn publish(h: &MemoryHistory, n: u32, now_ms: u64) -> MessageId {
+        h.append("r", &template(n), None, now_ms, |_| {}).id
+    }
+
+    fn ids(replay: &Replay) -> Vec<MessageId> {
+        replay.messages.iter().map(|m| m.id.unwrap()).collect()
+    }
+
+    #[test]
+    fn ids_increase_within_a_millisecond_and_when_the_clock_goes_back() {
+        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let a = publish(&h, 1, 100);
+        let b = publish(&h, 2, 100);
+        let c = publish(&h, 3, 90);
+        let d = publish(&h, 4, 101);
+        assert_eq!(a, MessageId::new(100, 0));
+        assert_eq!(b, MessageId::new(100, 1));
+        assert_eq!(c, MessageId::new(100, 2));
+        assert_eq!(d, MessageId::new(101, 0));
+    }
+
+    #[test]
+    fn since_replays_exactly_the_later_messages_in_order() {
+        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let all: Vec<_> = (0..5).map(|n| publish(&h, n, 100 + n as u64)).collect();
+        let replay = h.read("r", CatchUp::Since(all[1]));
+        assert!(replay.recovered);
+        assert_eq!(ids(&replay), all[2..].to_vec());
+        let replay = h.read("r", CatchUp::Since(all[4]));
+        assert!(replay.recovered);
+        assert!(replay.messages.is_empty());
+        let text = h.read("r", CatchUp::Last(1)).messages[0].text.to_string();
+        assert!(text.contains("\"data\":4"), "{text}");
+    }
+
+    #[test]
+    fn since_before_trimmed_history_is_not_recovered() {
+        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        let all: Vec<_> = (0..6).map(|n| publish(&h, n, 100 + n as u64)).collect();
+        // Kept: 3, 4, 5. A client that saw 2 misses nothing; one that saw 1 missed 2.
+        let replay = h.read("r", CatchUp::Since(all[2]));
+        assert!(replay.recovered);
+        assert_eq!(ids(&replay), all[3..].to_vec());
+        let replay = h.read("r", CatchUp::Since(all[1]));
+        assert!(!replay.recovered);
+        assert_eq!(ids(&replay), all[3..].to_vec());
+    }
+
+    #[test]
+    fn since_from_before_the_room_log_existed_is_not_recovered() {
+        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        assert!(!h.read("r", CatchUp::Since(MessageId::new(5, 0))).recovered);
+        let first = publish(&h, 1, 100);
+        assert!(!h.read("r", CatchUp::Since(MessageId::new(5, 0))).recovered);
+        assert!(h.read("r", CatchUp::Since(first)).recovered);
+    }
+
+    #[test]
+    fn last_n_gives_at_most_what_is_kept() {
+        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        assert!(h.read("r", CatchUp::Last(5)).messages.is_empty());
+        let all: Vec<_> = (0..5).map(|n| publish(&h, n, 100 + n as u64)).collect();
+        assert_eq!(ids(&h.read("r", CatchUp::Last(2))), all[3..].to_vec());
+        assert_eq!(ids(&h.read("r", CatchUp::Last(50))), all[2..].to_vec());
+    }
+
+    #[test]
+    fn a_repeated_key_is_stored_once_and_answers_the_first_id() {
+        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let mut published = 0;
+        let first = h.append("r", &template(1), Some("k"), 100, |_| published += 1);
+        let again = h.append("r", &template(1), Some("k"), 200, |_| published += 1);
+        let other_room = h.append("s", &template(1), Some("k"), 300, |_| published += 1);
+        assert!(!first.duplicate);
+        assert!(again.duplicate);
+        assert_eq!(again.id, first.id);
+        assert!(!other_room.duplicate);
+        assert_eq!(published, 2);
+        assert_eq!(h.read("r", CatchUp::Last(10)).messages.len(), 1);
+    }
+
+    #[test]
+    fn silent_rooms_expire_and_new_ids_stay_above_old_ones() {
+        let h = MemoryHistory::new(10, Duration::from_millis(50));
+        let old = publish(&h, 1, 1_000);
+        h.expire(Instant::now() + Duration::from_millis(100));
+        assert_eq!(h.size(), (0, 0));
+        assert!(!h.read("r", CatchUp::Since(old)).recovered);
+        let new = publish(&h, 2, 500);
+        assert!(new > old);
+    }
+}

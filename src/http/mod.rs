@@ -1,0 +1,193 @@
+//! The node's HTTP surface: the WebSocket upgrade at `/ws` (origin and
+//! identity checked before any socket exists), health and readiness, `/stats`
+//! (JSON) and `/metrics` (Prometheus), and the console page at `/`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::auth::{AuthError, Credentials};
+use crate::broker::BrokerState;
+use crate::node::NodeState;
+use crate::session;
+use crate::stats::Counters;
+
+pub fn router(state: Arc<NodeState>) -> Router {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/", get(console))
+        .with_state(state)
+}
+
+/// A JSON error body: `{"error": code, "message": text}`.
+fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+async fn upgrade(
+    State(node): State<Arc<NodeState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if node.is_draining() {
+        node.stats.upgrade_refused("draining");
+        let mut response = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this node is draining; connect to another one",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return response;
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !origin_allowed(&node.config.allowed_origins, origin.to_str().unwrap_or("")) {
+            node.stats.upgrade_refused("origin");
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this Origin is not in ALLOWED_ORIGINS",
+            );
+        }
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let credentials = Credentials {
+        token: query.get("token").map(String::as_str).or(bearer),
+        user: query.get("user").map(String::as_str),
+    };
+    let identity = match node.auth.authenticate(credentials) {
+        Ok(identity) => identity,
+        Err(err) => {
+            let (status, reason) = match err {
+                AuthError::BadUser(_) if node.auth.is_dev() => (StatusCode::BAD_REQUEST, "bad_user"),
+                AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_token"),
+                AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_token"),
+                _ => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            };
+            node.stats.upgrade_refused(reason);
+            let code = if status == StatusCode::BAD_REQUEST {
+                "bad_request"
+            } else {
+                "unauthorized"
+            };
+            return refuse(status, code, err.to_string());
+        }
+    };
+    let config_node = node.clone();
+    session::configure(upgrade, &config_node.config)
+        .on_upgrade(move |socket| session::run(socket, node, identity, peer))
+}
+
+fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
+    let ready = node.is_ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "draining": node.is_draining(),
+        "broker": node.broker.state(),
+    });
+    (status, Json(body)).into_response()
+}
+
+#[derive(Serialize)]
+struct BrokerStats {
+    kind: &'static str,
+    state: BrokerState,
+}
+
+#[derive(Serialize)]
+struct NodeStats {
+    node: String,
+    uptime_seconds: f64,
+    ready: bool,
+    draining: bool,
+    connections: usize,
+    users: usize,
+    rooms: usize,
+    broker: BrokerStats,
+    #[serde(flatten)]
+    counters: Counters,
+}
+
+fn node_stats(node: &NodeState) -> NodeStats {
+    let counts = node.hub.counts();
+    NodeStats {
+        node: node.node_id.to_string(),
+        uptime_seconds: node.stats.uptime().as_secs_f64(),
+        ready: node.is_ready(),
+        draining: node.is_draining(),
+        connections: counts.connections,
+        users: counts.users,
+        rooms: counts.rooms,
+        broker: BrokerStats {
+            kind: node.broker.kind(),
+            state: node.broker.state(),
+        },
+        counters: node.stats.snapshot_counters(),
+    }
+}
+
+async fn stats(State(node): State<Arc<NodeState>>) -> Json<NodeStats> {
+    Json(node_stats(&node))
+}
+
+async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
+    let counts = node.hub.counts();
+    let up = |ok: bool| if ok { 1.0 } else { 0.0 };
+    let text = node.stats.render_prometheus(&[
+        ("roomcast_connections", "Open WebSocket connections", counts.connections as f64),
+        ("roomcast_users", "Distinct users connected", counts.users as f64),
+        ("roomcast_rooms", "Rooms with at least one local member", counts.rooms as f64),
+        ("roomcast_ready", "1 when the node accepts traffic", up(node.is_ready())),
+        ("roomcast_draining", "1 while the node drains", up(node.is_draining())),
+        (
+            "roomcast_broker_up",
+            "1 when the broker is reachable",
+            up(node.broker.state() == BrokerState::Up),
+        ),
+    ]);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn console() -> Html<&'static str> {
+    Html(include_str!("../../static/console.html"))
+}

@@ -1,0 +1,113 @@
+//! The signal that tells a connection's reader and writer tasks to close,
+//! and why. Set once; the first reason wins.
+
+use std::sync::OnceLock;
+
+use tokio::sync::Notify;
+
+use crate::protocol::close;
+
+/// Why a connection closes: the code and text of the close frame the server
+/// sends, or none when the peer closed or vanished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub text: &'static str,
+    /// False when the peer is gone or closed first: nothing left to send.
+    pub send_frame: bool,
+}
+
+impl CloseReason {
+    const fn server(code: u16, text: &'static str) -> Self {
+        CloseReason {
+            code,
+            text,
+            send_frame: true,
+        }
+    }
+
+    pub const SLOW_CONSUMER: CloseReason =
+        CloseReason::server(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+    pub const TOO_BIG: CloseReason =
+        CloseReason::server(close::TOO_BIG, "frame larger than MAX_MESSAGE_BYTES");
+    pub const RATE_LIMITED: CloseReason =
+        CloseReason::server(close::RATE_LIMITED, "rate limit exceeded repeatedly");
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason::server(close::TOKEN_EXPIRED, "token expired");
+    pub const DRAINING: CloseReason =
+        CloseReason::server(close::DRAINING, "node draining: reconnect");
+    pub const HEARTBEAT_TIMEOUT: CloseReason =
+        CloseReason::server(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+    pub const INTERNAL: CloseReason = CloseReason::server(close::INTERNAL, "internal error");
+    pub const PROTOCOL_ERROR: CloseReason =
+        CloseReason::server(close::POLICY, "WebSocket protocol error");
+
+    /// The peer sent a close frame (with this code, 1005 when it had none).
+    pub fn by_peer(code: u16) -> Self {
+        CloseReason {
+            code,
+            text: "closed by client",
+            send_frame: false,
+        }
+    }
+
+    /// The connection broke without a close frame.
+    pub const GONE: CloseReason = CloseReason {
+        code: 1006,
+        text: "connection lost",
+        send_frame: false,
+    };
+}
+
+#[derive(Debug, Default)]
+pub struct CloseSignal {
+    reason: OnceLock<CloseReason>,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    /// Asks the connection to close; true if this call decided the reason.
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let decided = self.reason.set(reason).is_ok();
+        if decided {
+            self.notify.notify_waiters();
+        }
+        decided
+    }
+
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().copied()
+    }
+
+    /// Resolves once a reason is set.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.reason() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_first_reason_wins_and_wakes_every_waiter() {
+        let signal = Arc::new(CloseSignal::default());
+        let waiter = tokio::spawn({
+            let signal = signal.clone();
+            async move { signal.closed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(signal.close(CloseReason::SLOW_CONSUMER));
+        assert!(!signal.close(CloseReason::DRAINING));
+        assert_eq!(waiter.await.unwrap(), CloseReason::SLOW_CONSUMER);
+        assert_eq!(signal.closed().await, CloseReason::SLOW_CONSUMER);
+    }
+}

@@ -1,0 +1,438 @@
+//! This node's registry of connections, users and rooms, and the fan-out of
+//! broker deliveries to the local connections' queues.
+//!
+//! Fan-out never waits on a client: every connection has a bounded queue and
+//! gets a cheap clone of an already encoded frame with `try_send`. A
+//! connection whose queue is full is a slow consumer and is told to close
+//! with 4008; nobody else notices.
+
+mod close;
+
+pub use close::{CloseReason, CloseSignal};
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::broker::{Broker, BrokerError, Channel, Delivery};
+use crate::protocol::{RoomFrame, ServerFrame};
+use crate::stats::Stats;
+
+/// A connection's number on this node.
+pub type ConnId = u64;
+
+/// An item of a connection's outbound queue, consumed by its writer task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A frame for this connection only (replies, direct, broadcast).
+    Frame(Utf8Bytes),
+    /// A frame of a joined room: deduplicated by id against the join's replay.
+    Room(Arc<RoomFrame>),
+    /// A join began: hold the room's live frames until its catch-up arrives.
+    JoinStarted(Arc<str>),
+    /// The join's catch-up: replayed messages, then `joined`, then the held
+    /// live frames that are newer than the replay.
+    JoinCompleted(Box<JoinCompletion>),
+    /// The join failed: drop the held frames and send `error`.
+    JoinFailed { room: Arc<str>, error: Utf8Bytes },
+    /// The room was left: forget it and send `left`.
+    Left { room: Arc<str>, text: Utf8Bytes },
+}
+
+#[derive(Debug)]
+pub struct JoinCompletion {
+    pub room: Arc<str>,
+    pub replay: Vec<Arc<RoomFrame>>,
+    pub joined: Utf8Bytes,
+}
+
+/// What the hub holds of a connection to reach it.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    pub queue: mpsc::Sender<Outbound>,
+    pub close: Arc<CloseSignal>,
+}
+
+impl Mailbox {
+    /// Queues `item` without waiting; a full queue closes the connection as a
+    /// slow consumer. Returns false when the item was not queued.
+    pub fn offer(&self, item: Outbound, stats: &Stats) -> bool {
+        match self.queue.try_send(item) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if self.close.close(CloseReason::SLOW_CONSUMER) {
+                    stats.slow_consumer_closed();
+                }
+                false
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+struct Connection {
+    user: Arc<str>,
+    mailbox: Mailbox,
+    rooms: Vec<Arc<str>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    connections: HashMap<ConnId, Connection>,
+    users: HashMap<Arc<str>, Vec<ConnId>>,
+    rooms: HashMap<Arc<str>, HashMap<ConnId, Mailbox>>,
+}
+
+/// Figures for `/stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubCounts {
+    pub connections: usize,
+    pub users: usize,
+    pub rooms: usize,
+}
+
+pub struct Hub {
+    registry: RwLock<Registry>,
+    broker: Arc<dyn Broker>,
+    stats: Arc<Stats>,
+}
+
+impl Hub {
+    pub fn new(broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
+        Hub {
+            registry: RwLock::new(Registry::default()),
+            broker,
+            stats,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection of `user`, subscribing the node to the user's
+    /// channel for direct messages.
+    pub async fn connect(
+        &self,
+        id: ConnId,
+        user: Arc<str>,
+        mailbox: Mailbox,
+    ) -> Result<(), BrokerError> {
+        self.broker.subscribe(Channel::User(user.clone())).await?;
+        let mut registry = self.write();
+        registry.users.entry(user.clone()).or_default().push(id);
+        registry.connections.insert(
+            id,
+            Connection {
+                user,
+                mailbox,
+                rooms: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a connection from its rooms and the registry.
+    pub async fn disconnect(&self, id: ConnId) {
+        let Some(connection) = self.write().connections.remove(&id) else {
+            return;
+        };
+        for room in &connection.rooms {
+            self.remove_member(id, room.clone(), &connection.user).await;
+        }
+        {
+            let mut registry = self.write();
+            if let Some(conns) = registry.users.get_mut(&connection.user) {
+                conns.retain(|c| *c != id);
+                if conns.is_empty() {
+                    registry.users.remove(&connection.user);
+                }
+            }
+        }
+        if let Err(err) = self
+            .broker
+            .unsubscribe(Channel::User(connection.user.clone()))
+            .await
+        {
+            tracing::warn!(user = %connection.user, error = %err, "unsubscribing a user channel failed");
+        }
+    }
+
+    /// Adds the connection to `room`: the node is subscribed to the room's
+    /// channel before this returns, so a history read afterwards misses
+    /// nothing. Returns false if the connection was already a member.
+    pub async fn join(&self, id: ConnId, room: &Arc<str>) -> Result<bool, BrokerError> {
+        let user = {
+            let registry = self.read();
+            match registry.connections.get(&id) {
+                Some(c) if c.rooms.contains(room) => return Ok(false),
+                Some(c) => c.user.clone(),
+                None => return Ok(false),
+            }
+        };
+        self.broker.subscribe(Channel::Room(room.clone())).await?;
+        let added = {
+            let mut registry = self.write();
+            let Registry {
+                connections, rooms, ..
+            } = &mut *registry;
+            match connections.get_mut(&id) {
+                Some(connection) => {
+                    connection.rooms.push(room.clone());
+                    rooms
+                        .entry(room.clone())
+                        .or_default()
+                        .insert(id, connection.mailbox.clone());
+                    true
+                }
+                None => false,
+            }
+        };
+        if !added {
+            // Disconnected meanwhile: give the subscription back.
+            let _ = self.broker.unsubscribe(Channel::Room(room.clone())).await;
+            return Ok(false);
+        }
+        match self.broker.presence_add(room, &user).await {
+            Ok(true) => self.announce(room, ServerFrame::Join { room, user: &user }).await,
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(%room, %user, error = %err, "presence update failed");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes the connection from `room`; false if it was not a member.
+    pub async fn leave(&self, id: ConnId, room: &str) -> bool {
+        let (room, user) = {
+            let mut registry = self.write();
+            let Some(connection) = registry.connections.get_mut(&id) else {
+                return false;
+            };
+            let Some(at) = connection.rooms.iter().position(|r| &**r == room) else {
+                return false;
+            };
+            (connection.rooms.swap_remove(at), connection.user.clone())
+        };
+        self.remove_member(id, room, &user).await;
+        true
+    }
+
+    async fn remove_member(&self, id: ConnId, room: Arc<str>, user: &Arc<str>) {
+        {
+            let mut registry = self.write();
+            if let Some(members) = registry.rooms.get_mut(&room) {
+                members.remove(&id);
+                if members.is_empty() {
+                    registry.rooms.remove(&room);
+                }
+            }
+        }
+        if let Err(err) = self.broker.unsubscribe(Channel::Room(room.clone())).await {
+            tracing::warn!(%room, error = %err, "unsubscribing a room channel failed");
+        }
+        match self.broker.presence_remove(&room, user).await {
+            Ok(true) => self.announce(&room, ServerFrame::Leave { room: &room, user }).await,
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%room, %user, error = %err, "presence update failed"),
+        }
+    }
+
+    /// Publishes a presence event to the room's members on every node.
+    async fn announce(&self, room: &Arc<str>, event: ServerFrame<'_>) {
+        let text = Utf8Bytes::from(event.encode());
+        if let Err(err) = self.broker.publish(&Channel::Room(room.clone()), text).await {
+            tracing::warn!(%room, error = %err, "publishing a presence event failed");
+        }
+    }
+
+    /// Fans a delivery out to the local connections it is for.
+    pub fn dispatch(&self, delivery: Delivery) {
+        let started = Instant::now();
+        let registry = self.read();
+        let stats = &*self.stats;
+        match delivery {
+            Delivery::Room(frame) => {
+                if let Some(members) = registry.rooms.get(&frame.room) {
+                    for mailbox in members.values() {
+                        mailbox.offer(Outbound::Room(frame.clone()), stats);
+                    }
+                }
+            }
+            Delivery::User { user, text } => {
+                for id in registry.users.get(&user).into_iter().flatten() {
+                    if let Some(connection) = registry.connections.get(id) {
+                        connection.mailbox.offer(Outbound::Frame(text.clone()), stats);
+                    }
+                }
+            }
+            Delivery::Broadcast(text) => {
+                for connection in registry.connections.values() {
+                    connection.mailbox.offer(Outbound::Frame(text.clone()), stats);
+                }
+            }
+        }
+        drop(registry);
+        stats.record_fanout(started.elapsed());
+    }
+
+    /// Every connection's close signal, for draining the node.
+    pub fn close_signals(&self) -> Vec<Arc<CloseSignal>> {
+        self.read()
+            .connections
+            .values()
+            .map(|c| c.mailbox.close.clone())
+            .collect()
+    }
+
+    pub fn counts(&self) -> HubCounts {
+        let registry = self.read();
+        HubCounts {
+            connections: registry.connections.len(),
+            users: registry.users.len(),
+            rooms: registry.rooms.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::protocol::MessageId;
+    use std::time::Duration;
+
+    fn hub() -> (Arc<Hub>, Arc<MemoryBroker>, Arc<Stats>) {
+        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let stats = Arc::new(Stats::new());
+        let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
+        (hub, broker, stats)
+    }
+
+    fn mailbox(capacity: usize) -> (Mailbox, mpsc::Receiver<Outbound>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        (
+            Mailbox {
+                queue,
+                close: Arc::new(CloseSignal::default()),
+            },
+            rx,
+        )
+    }
+
+    fn room_frame(room: &str, seq: u64) -> Delivery {
+        Delivery::Room(Arc::new(RoomFrame {
+            room: room.into(),
+            id: Some(MessageId::new(1, seq)),
+            text: format!("m{seq}").into(),
+        }))
+    }
+
+    fn texts(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Outbound::Frame(t) => out.push(t.to_string()),
+                Outbound::Room(f) => out.push(f.text.to_string()),
+                other => out.push(format!("{other:?}")),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn room_frames_reach_members_only() {
+        let (hub, _, _) = hub();
+        let (a, mut a_rx) = mailbox(8);
+        let (b, mut b_rx) = mailbox(8);
+        hub.connect(1, "amy".into(), a).await.unwrap();
+        hub.connect(2, "bob".into(), b).await.unwrap();
+        assert!(hub.join(1, &"r".into()).await.unwrap());
+        assert!(!hub.join(1, &"r".into()).await.unwrap());
+        texts(&mut a_rx); // amy's own presence event
+        hub.dispatch(room_frame("r", 1));
+        hub.dispatch(room_frame("other", 2));
+        assert_eq!(texts(&mut a_rx), vec!["m1"]);
+        assert!(texts(&mut b_rx).is_empty());
+        assert_eq!(
+            hub.counts(),
+            HubCounts {
+                connections: 2,
+                users: 2,
+                rooms: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn direct_frames_reach_every_connection_of_the_user() {
+        let (hub, _, _) = hub();
+        let (phone, mut phone_rx) = mailbox(8);
+        let (laptop, mut laptop_rx) = mailbox(8);
+        let (other, mut other_rx) = mailbox(8);
+        hub.connect(1, "amy".into(), phone).await.unwrap();
+        hub.connect(2, "amy".into(), laptop).await.unwrap();
+        hub.connect(3, "bob".into(), other).await.unwrap();
+        hub.dispatch(Delivery::User {
+            user: "amy".into(),
+            text: "hi".into(),
+        });
+        assert_eq!(texts(&mut phone_rx), vec!["hi"]);
+        assert_eq!(texts(&mut laptop_rx), vec!["hi"]);
+        assert!(texts(&mut other_rx).is_empty());
+        hub.dispatch(Delivery::Broadcast("all".into()));
+        assert_eq!(texts(&mut other_rx), vec!["all"]);
+        assert_eq!(hub.counts().users, 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_only_that_connection_as_slow_consumer() {
+        let (hub, _, stats) = hub();
+        let (slow, _slow_rx) = mailbox(1);
+        let (fast, mut fast_rx) = mailbox(64);
+        let slow_close = slow.close.clone();
+        hub.connect(1, "slow".into(), slow).await.unwrap();
+        hub.connect(2, "fast".into(), fast).await.unwrap();
+        hub.join(1, &"r".into()).await.unwrap();
+        hub.join(2, &"r".into()).await.unwrap();
+        texts(&mut fast_rx);
+        for seq in 0..5 {
+            hub.dispatch(room_frame("r", seq));
+        }
+        assert_eq!(slow_close.reason(), Some(CloseReason::SLOW_CONSUMER));
+        assert_eq!(texts(&mut fast_rx), vec!["m0", "m1", "m2", "m3", "m4"]);
+        assert_eq!(stats.snapshot_counters().slow_consumer_closes, 1);
+    }
+
+    #[tokio::test]
+    async fn leaving_and_disconnecting_unsubscribe_the_last_member() {
+        let (hub, broker, _) = hub();
+        let (a, _a_rx) = mailbox(8);
+        let (b, _b_rx) = mailbox(8);
+        hub.connect(1, "amy".into(), a).await.unwrap();
+        hub.connect(2, "bob".into(), b).await.unwrap();
+        hub.join(1, &"r".into()).await.unwrap();
+        hub.join(2, &"r".into()).await.unwrap();
+        let room = Channel::Room("r".into());
+        assert!(hub.leave(1, "r").await);
+        assert!(!hub.leave(1, "r").await);
+        assert_eq!(broker.publish(&room, "x".into()).await.unwrap(), 1);
+        assert_eq!(broker.presence("r").await.unwrap(), vec!["bob"]);
+        hub.disconnect(2).await;
+        assert_eq!(broker.publish(&room, "x".into()).await.unwrap(), 0);
+        assert!(broker.presence("r").await.unwrap().is_empty());
+        assert_eq!(hub.counts().rooms, 0);
+        assert_eq!(hub.counts().users, 1);
+        hub.disconnect(1).await;
+        let amy = Channel::User("amy".into());
+        assert_eq!(broker.publish(&amy, "x".into()).await.unwrap(), 0);
+    }
+}

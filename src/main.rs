@@ -1,0 +1,70 @@
+//! The `roomcast` binary: reads the configuration, sets up logging, runs one
+//! node until SIGTERM or SIGINT, then drains it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use roomcast::config::LogFormat;
+use roomcast::{Config, Node};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("roomcast: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let node = match Node::start(config).await {
+        Ok(node) => node,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start");
+            eprintln!("roomcast: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = node.addr();
+    // Plain stdout line, for people and for scripts that start nodes on port 0.
+    println!("roomcast listening on http://{addr}/ (WebSocket: ws://{addr}/ws)");
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, "shutting down");
+    node.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|err| {
+        eprintln!("roomcast: bad log filter {:?} ({err}); using \"info\"", config.log_filter);
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,228 @@
+//! A running node: wires configuration, broker, hub, auth and HTTP together,
+//! runs the broker listener task, and drains gracefully on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::auth::Authenticator;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, BrokerError, BrokerState, Channel};
+use crate::config::{Config, ConfigError};
+use crate::hub::{CloseReason, Hub};
+use crate::stats::Stats;
+
+/// What the HTTP handlers and sessions of a node share.
+pub struct NodeState {
+    pub config: Config,
+    pub node_id: Arc<str>,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub auth: Authenticator,
+    pub stats: Arc<Stats>,
+    pub sessions: SessionCount,
+    draining: AtomicBool,
+    next_conn: AtomicU64,
+}
+
+impl NodeState {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready for traffic: not draining and the broker is up.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.state() == BrokerState::Up
+    }
+}
+
+/// Live sessions, so a drain knows when every socket is gone.
+#[derive(Default)]
+pub struct SessionCount {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct SessionGuard<'a>(&'a SessionCount);
+
+impl SessionCount {
+    pub fn enter(&self) -> SessionGuard<'_> {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        SessionGuard(self)
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.live() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// A started node. Dropping it does not stop it; call [`Node::shutdown`].
+pub struct Node {
+    state: Arc<NodeState>,
+    addr: SocketAddr,
+    stop_server: oneshot::Sender<()>,
+    server: JoinHandle<()>,
+    listener: JoinHandle<()>,
+}
+
+impl Node {
+    /// Binds the listener and starts serving.
+    pub async fn start(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| NodeError::Bind(config.bind, e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Bind(config.bind, e))?;
+        let stats = Arc::new(Stats::new());
+        let (memory, mut incoming) = MemoryBroker::start(config.history_size, config.history_ttl);
+        let broker: Arc<dyn Broker> = memory;
+        let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
+        let listener_task = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                while let Some(delivery) = incoming.recv().await {
+                    hub.dispatch(delivery);
+                }
+            }
+        });
+        broker.subscribe(Channel::Broadcast).await?;
+
+        let auth = match &config.jwt_secret {
+            Some(secret) => Authenticator::hs256(secret, config.jwt_leeway),
+            None => {
+                tracing::warn!(
+                    bind = %addr,
+                    "dev mode: no JWT_SECRET, so anybody may connect as any user (?user=name) with every permission"
+                );
+                Authenticator::Dev
+            }
+        };
+        let node_id: Arc<str> = config.node_name().into();
+        let state = Arc::new(NodeState {
+            node_id,
+            hub,
+            broker,
+            auth,
+            stats,
+            sessions: SessionCount::default(),
+            draining: AtomicBool::new(false),
+            next_conn: AtomicU64::new(0),
+            config,
+        });
+        let app = crate::http::router(state.clone());
+        let (stop_server, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(err) = serve.await {
+                tracing::error!(error = %err, "HTTP server failed");
+            }
+        });
+        tracing::info!(node = %state.node_id, %addr, broker = state.broker.kind(), "node started");
+        Ok(Node {
+            state,
+            addr,
+            stop_server,
+            server,
+            listener: listener_task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// Drains the node: `/readyz` turns 503 and upgrades are refused, every
+    /// client is closed with 1012 at a moment spread over `DRAIN_TIMEOUT`
+    /// (so they do not all reconnect at once), then the server stops.
+    pub async fn shutdown(self) {
+        let state = &self.state;
+        state.draining.store(true, Ordering::Release);
+        let started = Instant::now();
+        let window = state.config.drain_timeout;
+        let mut signals = state.hub.close_signals();
+        fastrand::shuffle(&mut signals);
+        tracing::info!(
+            connections = signals.len(),
+            window_ms = window.as_millis() as u64,
+            "draining"
+        );
+        let count = signals.len() as u32;
+        for (i, signal) in signals.iter().enumerate() {
+            let at = started + window.mul_f64(0.9) * i as u32 / count.max(1);
+            tokio::time::sleep_until(at).await;
+            signal.close(CloseReason::DRAINING);
+        }
+        let deadline = started + window + Duration::from_secs(2);
+        if tokio::time::timeout_at(deadline, state.sessions.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                live = state.sessions.live(),
+                "drain timeout: dropping remaining sockets"
+            );
+        }
+        let _ = self.stop_server.send(());
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+        self.listener.abort();
+        tracing::info!(node = %state.node_id, "stopped");
+    }
+}

@@ -1,0 +1,610 @@
+//! Client protocol v1: the JSON frames clients send and receive, message ids,
+//! error codes, close codes and the rules for room and user names.
+//!
+//! Parsing borrows from the received text (`data` and `ref` stay raw JSON and
+//! are copied into outbound frames verbatim); encoding produces the final text
+//! of a frame once, so fan-out only clones it.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// WebSocket close codes the server uses, with the reason text it sends.
+pub mod close {
+    /// A policy violation: a frame the server cannot accept at all (e.g. a forbidden origin).
+    pub const POLICY: u16 = 1008;
+    /// A frame larger than `MAX_MESSAGE_BYTES`.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server failed; reconnecting is safe.
+    pub const INTERNAL: u16 = 1011;
+    /// The node is draining (shutdown or restart): reconnect, possibly elsewhere.
+    pub const DRAINING: u16 = 1012;
+    /// The peer stopped answering WebSocket pings.
+    pub const HEARTBEAT_TIMEOUT: u16 = 1001;
+    /// The session's token expired and no valid `refresh` arrived.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The client did not read fast enough and its outbound queue filled up.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client kept sending far above its rate limit.
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+/// Longest accepted room name, in bytes.
+pub const MAX_ROOM_NAME: usize = 128;
+/// Longest accepted user name, in bytes.
+pub const MAX_USER_NAME: usize = 64;
+/// Longest accepted `ref` (its raw JSON text) and idempotency `key`, in bytes.
+pub const MAX_REF_BYTES: usize = 256;
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// A room message id in the Redis Streams format `<ms>-<seq>`: milliseconds
+/// since the epoch, then a sequence within that millisecond. Ids of one room
+/// only ever increase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct MessageId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl MessageId {
+    pub const ZERO: MessageId = MessageId { ms: 0, seq: 0 };
+
+    pub fn new(ms: u64, seq: u64) -> Self {
+        MessageId { ms, seq }
+    }
+
+    /// The smallest id greater than `self`.
+    pub fn successor(self) -> Self {
+        match self.seq.checked_add(1) {
+            Some(seq) => MessageId { ms: self.ms, seq },
+            None => MessageId {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a message id looks like \"1700000000000-0\" (<ms>-<seq>)")]
+pub struct BadMessageId;
+
+impl FromStr for MessageId {
+    type Err = BadMessageId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s.split_once('-').ok_or(BadMessageId)?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(BadMessageId);
+        }
+        Ok(MessageId {
+            ms: ms.parse().map_err(|_| BadMessageId)?,
+            seq: seq.parse().map_err(|_| BadMessageId)?,
+        })
+    }
+}
+
+/// The `code` of an `error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    TooLarge,
+    RateLimited,
+    NotFound,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::NotFound,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Position in [`ErrorCode::ALL`], for counters indexed by code.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A request that cannot be served, answered with an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl Rejection {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Rejection::new(ErrorCode::BadRequest, message)
+    }
+}
+
+/// Every field any client frame may carry; which ones a `type` needs is
+/// checked when it becomes a [`Request`]. Unknown fields (a client-sent
+/// `from`, say) are ignored.
+#[derive(Deserialize)]
+struct WireFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(rename = "ref", borrow)]
+    reference: Option<&'a RawValue>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    since: Option<Cow<'a, str>>,
+    last: Option<u64>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Where a joining client's catch-up starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Only live messages from now on.
+    None,
+    /// Everything after this id (resume).
+    Since(MessageId),
+    /// The room's latest N messages (backlog for a new joiner).
+    Last(usize),
+}
+
+/// A validated client request.
+#[derive(Debug)]
+pub enum Request<'a> {
+    Join {
+        room: Cow<'a, str>,
+        catch_up: CatchUp,
+    },
+    Leave {
+        room: Cow<'a, str>,
+    },
+    Publish {
+        room: Cow<'a, str>,
+        data: &'a RawValue,
+        key: Option<Cow<'a, str>>,
+    },
+    Direct {
+        to: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Broadcast {
+        data: &'a RawValue,
+    },
+    Presence {
+        room: Cow<'a, str>,
+    },
+    Ping,
+    Refresh {
+        token: Cow<'a, str>,
+    },
+}
+
+/// A parsed frame: the request, or why it was refused, plus the client's
+/// `ref` to echo either way.
+pub struct Parsed<'a> {
+    pub reference: Option<&'a RawValue>,
+    pub request: Result<Request<'a>, Rejection>,
+}
+
+/// Parses one client text frame. Never fails outright: a frame that is not
+/// even JSON yields a `bad_request` rejection without a `ref`.
+pub fn parse_client_frame(text: &str) -> Parsed<'_> {
+    let wire: WireFrame<'_> = match serde_json::from_str(text) {
+        Ok(wire) => wire,
+        Err(err) => {
+            return Parsed {
+                reference: None,
+                request: Err(Rejection::bad_request(format!(
+                    "frame is not a JSON object of protocol v1: {err}"
+                ))),
+            }
+        }
+    };
+    let reference = wire.reference.filter(|r| r.get().len() <= MAX_REF_BYTES);
+    let request = if wire.reference.is_some() && reference.is_none() {
+        Err(Rejection::bad_request(format!(
+            "\"ref\" is longer than {MAX_REF_BYTES} bytes"
+        )))
+    } else {
+        into_request(wire)
+    };
+    Parsed { reference, request }
+}
+
+fn into_request<'a>(wire: WireFrame<'a>) -> Result<Request<'a>, Rejection> {
+    let kind = wire
+        .kind
+        .ok_or_else(|| Rejection::bad_request("frame has no \"type\""))?;
+    let missing = |field: &str| Rejection::bad_request(format!("\"{kind}\" needs \"{field}\""));
+    let room = |room: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection> {
+        let room = room.ok_or_else(|| missing("room"))?;
+        validate_room(&room)?;
+        Ok(room)
+    };
+    match kind.as_ref() {
+        "join" => {
+            let catch_up = match (wire.since, wire.last) {
+                (Some(_), Some(_)) => {
+                    return Err(Rejection::bad_request(
+                        "\"join\" takes \"since\" or \"last\", not both",
+                    ))
+                }
+                (Some(since), None) => CatchUp::Since(since.parse().map_err(|e: BadMessageId| {
+                    Rejection::bad_request(format!("\"since\" is not a message id: {e}"))
+                })?),
+                (None, Some(last)) => CatchUp::Last(usize::try_from(last).unwrap_or(usize::MAX)),
+                (None, None) => CatchUp::None,
+            };
+            Ok(Request::Join {
+                room: room(wire.room)?,
+                catch_up,
+            })
+        }
+        "leave" => Ok(Request::Leave {
+            room: room(wire.room)?,
+        }),
+        "publish" => {
+            let room = room(wire.room)?;
+            let data = wire.data.ok_or_else(|| missing("data"))?;
+            if let Some(key) = &wire.key {
+                if key.is_empty() || key.len() > MAX_KEY_BYTES {
+                    return Err(Rejection::bad_request(format!(
+                        "\"key\" must be 1 to {MAX_KEY_BYTES} bytes"
+                    )));
+                }
+            }
+            Ok(Request::Publish {
+                room,
+                data,
+                key: wire.key,
+            })
+        }
+        "direct" => {
+            let to = wire.to.ok_or_else(|| missing("to"))?;
+            validate_user(&to)?;
+            Ok(Request::Direct {
+                to,
+                data: wire.data.ok_or_else(|| missing("data"))?,
+            })
+        }
+        "broadcast" => Ok(Request::Broadcast {
+            data: wire.data.ok_or_else(|| missing("data"))?,
+        }),
+        "presence" => Ok(Request::Presence {
+            room: room(wire.room)?,
+        }),
+        "ping" => Ok(Request::Ping),
+        "refresh" => Ok(Request::Refresh {
+            token: wire.token.ok_or_else(|| missing("token"))?,
+        }),
+        other => Err(Rejection::bad_request(format!(
+            "unknown type \"{}\"; known: join, leave, publish, direct, broadcast, presence, ping, refresh",
+            truncate(other, 40)
+        ))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
+
+fn name_chars_ok(name: &str) -> bool {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/'))
+}
+
+/// Room names: 1 to 128 bytes of ASCII letters, digits and `_ - . : @ /`.
+pub fn validate_room(room: &str) -> Result<(), Rejection> {
+    if room.is_empty() || room.len() > MAX_ROOM_NAME || !name_chars_ok(room) {
+        return Err(Rejection::bad_request(format!(
+            "room names are 1 to {MAX_ROOM_NAME} characters of A-Z a-z 0-9 _ - . : @ /"
+        )));
+    }
+    Ok(())
+}
+
+/// User names: 1 to 64 bytes, the same characters as room names.
+pub fn validate_user(user: &str) -> Result<(), Rejection> {
+    if user.is_empty() || user.len() > MAX_USER_NAME || !name_chars_ok(user) {
+        return Err(Rejection::bad_request(format!(
+            "user names are 1 to {MAX_USER_NAME} characters of A-Z a-z 0-9 _ - . : @ /"
+        )));
+    }
+    Ok(())
+}
+
+/// Frames the server sends. Each is encoded once and the text shared by
+/// every recipient.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        conn: &'a str,
+        user: &'a str,
+        node: &'a str,
+        heartbeat_ms: u64,
+    },
+    Joined {
+        room: &'a str,
+        recovered: bool,
+        replayed: usize,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Left {
+        room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Ack {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Direct {
+        from: &'a str,
+        data: &'a RawValue,
+    },
+    Broadcast {
+        from: &'a str,
+        data: &'a RawValue,
+    },
+    Presence {
+        room: &'a str,
+        users: &'a [String],
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    /// A presence event: `user` came into the room.
+    Join {
+        room: &'a str,
+        user: &'a str,
+    },
+    /// A presence event: `user`'s last connection left the room.
+    Leave {
+        room: &'a str,
+        user: &'a str,
+    },
+    Pong {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Expiring {
+        exp: u64,
+    },
+    Refreshed {
+        exp: u64,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+    Error {
+        code: &'static str,
+        message: &'a str,
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> String {
+        // Serializing these plain structs into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"error\"}"))
+    }
+}
+
+/// The text of an `error` frame.
+pub fn encode_error(rejection: &Rejection, reference: Option<&RawValue>) -> String {
+    ServerFrame::Error {
+        code: rejection.code.as_str(),
+        message: &rejection.message,
+        reference,
+    }
+    .encode()
+}
+
+/// A room `message` frame whose id is not known yet: the text before and after
+/// the id. The broker that assigns the id (under its lock, or in a Redis
+/// script) concatenates `prefix + id + suffix`, so the frame is encoded once
+/// per message and never re-encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageTemplate {
+    pub prefix: String,
+    pub suffix: String,
+}
+
+impl MessageTemplate {
+    pub fn new(room: &str, from: &str, data: &RawValue) -> Self {
+        let json = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""));
+        MessageTemplate {
+            prefix: format!("{{\"type\":\"message\",\"room\":{},\"id\":\"", json(room)),
+            suffix: format!("\",\"from\":{},\"data\":{}}}", json(from), data.get()),
+        }
+    }
+
+    pub fn with_id(&self, id: MessageId) -> String {
+        let id = id.to_string();
+        let mut text = String::with_capacity(self.prefix.len() + id.len() + self.suffix.len());
+        text.push_str(&self.prefix);
+        text.push_str(&id);
+        text.push_str(&self.suffix);
+        text
+    }
+}
+
+/// An encoded frame on a room's channel: a `message` (with its id) or a
+/// presence event (no id). One per message per node, shared by reference
+/// among history, the broker listener and every member's queue.
+#[derive(Debug)]
+pub struct RoomFrame {
+    pub room: Arc<str>,
+    pub id: Option<MessageId>,
+    pub text: Utf8Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Result<Request<'_>, Rejection> {
+        parse_client_frame(text).request
+    }
+
+    #[test]
+    fn message_ids_parse_print_and_order_like_stream_ids() {
+        let id: MessageId = "1700000000000-7".parse().unwrap();
+        assert_eq!(id, MessageId::new(1_700_000_000_000, 7));
+        assert_eq!(id.to_string(), "1700000000000-7");
+        assert!(MessageId::new(5, 0) > MessageId::new(4, 99));
+        assert!(MessageId::new(5, 1) > MessageId::new(5, 0));
+        assert_eq!(MessageId::new(5, u64::MAX).successor(), MessageId::new(6, 0));
+        for bad in ["", "12", "-1", "1-", "a-1", "1-2-3", "+1-2", "1 -2"] {
+            assert!(bad.parse::<MessageId>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn join_with_since_or_last_parses_and_both_is_refused() {
+        assert!(matches!(
+            request(r#"{"type":"join","room":"r","since":"5-1"}"#).unwrap(),
+            Request::Join { room, catch_up: CatchUp::Since(id) } if room == "r" && id == MessageId::new(5, 1)
+        ));
+        assert!(matches!(
+            request(r#"{"type":"join","room":"r","last":50}"#).unwrap(),
+            Request::Join { room, catch_up: CatchUp::Last(50) } if room == "r"
+        ));
+        let err = request(r#"{"type":"join","room":"r","last":5,"since":"1-0"}"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        let err = request(r#"{"type":"join","room":"r","since":"yesterday"}"#).unwrap_err();
+        assert!(err.message.contains("since"), "{}", err.message);
+    }
+
+    #[test]
+    fn publish_keeps_data_and_ref_as_raw_json() {
+        let parsed = parse_client_frame(
+            r#"{"type":"publish","room":"r","data":{"a":[1, 2]},"ref":17,"from":"mallory"}"#,
+        );
+        assert_eq!(parsed.reference.unwrap().get(), "17");
+        match parsed.request.unwrap() {
+            Request::Publish { room, data, key } => {
+                assert_eq!(room, "r");
+                assert_eq!(data.get(), r#"{"a":[1, 2]}"#);
+                assert_eq!(key, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_rejected_with_a_message_and_keep_their_ref() {
+        let parsed = parse_client_frame(r#"{"type":"publish","ref":"a1","data":1}"#);
+        assert_eq!(parsed.reference.unwrap().get(), "\"a1\"");
+        let err = parsed.request.unwrap_err();
+        assert_eq!(err.message, "\"publish\" needs \"room\"");
+
+        let err = request(r#"{"type":"fly","ref":1}"#).unwrap_err();
+        assert!(err.message.starts_with("unknown type \"fly\""));
+        assert!(request("not json").is_err());
+        assert!(request("[1,2]").is_err());
+        assert!(request(r#"{"room":"r"}"#).is_err());
+        assert!(request(r#"{"type":"join","room":"has space"}"#).is_err());
+        assert!(request(&format!(
+            r#"{{"type":"join","room":"{}"}}"#,
+            "a".repeat(MAX_ROOM_NAME + 1)
+        ))
+        .is_err());
+        assert!(request(r#"{"type":"direct","to":"","data":1}"#).is_err());
+        assert!(request(r#"{"type":"publish","room":"r","data":1,"key":""}"#).is_err());
+    }
+
+    #[test]
+    fn escaped_strings_are_accepted() {
+        assert!(matches!(
+            request(r#"{"type":"leave","room":"a\/b"}"#).unwrap(),
+            Request::Leave { room } if room == "a/b"
+        ));
+    }
+
+    #[test]
+    fn message_template_builds_the_frame_around_the_id() {
+        let data = RawValue::from_string("{\"t\":\"hi\"}".into()).unwrap();
+        let template = MessageTemplate::new("r\"1", "alice", &data);
+        let text = template.with_id(MessageId::new(12, 3));
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"type":"message","room":"r\"1","id":"12-3","from":"alice","data":{"t":"hi"}})
+        );
+    }
+
+    #[test]
+    fn server_frames_encode_with_raw_values() {
+        let reference = RawValue::from_string("\"x\"".into()).unwrap();
+        let text = ServerFrame::Ack {
+            id: Some("1-0".into()),
+            reference: Some(&reference),
+        }
+        .encode();
+        assert_eq!(text, r#"{"type":"ack","id":"1-0","ref":"x"}"#);
+        let data = RawValue::from_string("[1,2]".into()).unwrap();
+        let text = ServerFrame::Direct {
+            from: "a",
+            data: &data,
+        }
+        .encode();
+        assert_eq!(text, r#"{"type":"direct","from":"a","data":[1,2]}"#);
+    }
+}

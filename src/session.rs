@@ -1,0 +1,871 @@
+//! One client socket: a reader that parses and serves the client's frames,
+//! and a writer task that drains the connection's bounded queue onto the
+//! socket (many frames per flush), sends heartbeat pings and closes the
+//! socket with the right code.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::auth::Identity;
+use crate::broker::memory::now_ms;
+use crate::broker::Channel;
+use crate::config::Config;
+use crate::hub::{CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound};
+use crate::node::NodeState;
+use crate::protocol::{
+    encode_error, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate, Rejection,
+    Request, RoomFrame, ServerFrame,
+};
+use crate::stats::Stats;
+
+/// Read buffer per socket. tungstenite's default (128 KiB, allocated up
+/// front) would dominate the memory of an idle connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Outgoing bytes buffered before a write is forced.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Frames written per flush at most.
+const MAX_BATCH: usize = 64;
+/// How long a closing socket waits for its close frame to go out and for
+/// the peer's reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long before `exp` a session is told its token is expiring.
+const EXPIRING_NOTICE: Duration = Duration::from_secs(30);
+
+/// Applies the node's frame limits and buffer sizes to an upgrade.
+pub fn configure(upgrade: WebSocketUpgrade, config: &Config) -> WebSocketUpgrade {
+    let max = config.max_message_bytes;
+    upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(WRITE_BUFFER_BYTES + 2 * max + 4096)
+        .max_message_size(max)
+        .max_frame_size(max)
+}
+
+/// When this connection last heard from its peer.
+struct Liveness {
+    epoch: std::time::Instant,
+    heard_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            epoch: std::time::Instant::now(),
+            heard_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.heard_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard_ms.load(Relaxed));
+        self.epoch.elapsed().saturating_sub(heard)
+    }
+}
+
+/// Serves one upgraded socket until it closes.
+pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, peer: SocketAddr) {
+    let _live = node.sessions.enter();
+    let started = Instant::now();
+    let conn = node.next_conn_id();
+    let conn_name = format!("c-{conn}");
+    let user = identity.user.clone();
+    node.stats.connection_opened();
+
+    let (queue, outbound) = mpsc::channel(node.config.client_queue);
+    let mailbox = Mailbox {
+        queue,
+        close: Arc::new(CloseSignal::default()),
+    };
+    let liveness = Arc::new(Liveness::new());
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(
+        Writer {
+            sink,
+            outbound,
+            close: mailbox.close.clone(),
+            liveness: liveness.clone(),
+            heartbeat: node.config.heartbeat_interval,
+            cursors: Cursors::new(node.config.client_queue),
+            stats: node.stats.clone(),
+        }
+        .run(),
+    );
+    tracing::info!(conn = %conn_name, %user, %peer, "connected");
+
+    let reason = match node.hub.connect(conn, user.clone(), mailbox.clone()).await {
+        Ok(()) => {
+            let welcome = ServerFrame::Welcome {
+                conn: &conn_name,
+                user: &user,
+                node: &node.node_id,
+                heartbeat_ms: node.config.heartbeat_interval.as_millis() as u64,
+            }
+            .encode();
+            mailbox.offer(Outbound::Frame(welcome.into()), &node.stats);
+            if node.is_draining() {
+                mailbox.close.close(CloseReason::DRAINING);
+            }
+            let mut reader = Reader {
+                bucket: TokenBucket::new(node.config.rate_limit, node.config.rate_burst),
+                node: node.clone(),
+                conn,
+                identity,
+                mailbox: mailbox.clone(),
+                liveness,
+                refused_in_row: 0,
+                rooms: HashSet::new(),
+                expiring_sent_for: None,
+            };
+            reader.run(stream).await
+        }
+        Err(err) => {
+            tracing::error!(conn = %conn_name, %user, error = %err, "registering the connection failed");
+            mailbox.close.close(CloseReason::INTERNAL);
+            CloseReason::INTERNAL
+        }
+    };
+    node.hub.disconnect(conn).await;
+    drop(mailbox);
+    let _ = writer.await;
+    node.stats.connection_closed(reason.code);
+    tracing::info!(
+        conn = %conn_name,
+        %user,
+        duration_ms = started.elapsed().as_millis() as u64,
+        close_code = reason.code,
+        close_reason = reason.text,
+        "disconnected"
+    );
+}
+
+struct Reader {
+    node: Arc<NodeState>,
+    conn: ConnId,
+    identity: Identity,
+    mailbox: Mailbox,
+    liveness: Arc<Liveness>,
+    bucket: TokenBucket,
+    refused_in_row: u32,
+    rooms: HashSet<Arc<str>>,
+    /// The `exp` an `expiring` notice was sent for.
+    expiring_sent_for: Option<u64>,
+}
+
+impl Reader {
+    /// Reads until the connection closes; returns why it closed.
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>) -> CloseReason {
+        let close = self.mailbox.close.clone();
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                reason = close.closed() => {
+                    if reason.send_frame {
+                        self.await_peer_close(&mut stream).await;
+                    }
+                    return reason;
+                }
+                _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    self.on_deadline();
+                }
+                message = stream.next() => match message {
+                    Some(Ok(message)) => {
+                        self.liveness.touch();
+                        if let Some(reason) = self.on_message(message).await {
+                            close.close(reason);
+                        }
+                    }
+                    Some(Err(err)) => {
+                        close.close(reason_for_read_error(err));
+                    }
+                    None => {
+                        close.close(CloseReason::GONE);
+                    }
+                },
+            }
+        }
+    }
+
+    /// After the server's close frame, give the peer a moment to answer.
+    async fn await_peer_close(&self, stream: &mut SplitStream<WebSocket>) {
+        let _ = timeout(CLOSE_GRACE, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Handles one frame; returns a reason when the connection must close.
+    async fn on_message(&mut self, message: Message) -> Option<CloseReason> {
+        match message {
+            Message::Text(text) => self.on_text(text).await,
+            Message::Binary(data) => {
+                self.node.stats.received(data.len());
+                self.reject(
+                    Rejection::bad_request("binary frames are not supported: send JSON text frames"),
+                    None,
+                );
+                None
+            }
+            Message::Close(frame) => Some(CloseReason::by_peer(
+                frame.map(|f| f.code).unwrap_or(1005),
+            )),
+            Message::Ping(_) | Message::Pong(_) => None,
+        }
+    }
+
+    async fn on_text(&mut self, text: Utf8Bytes) -> Option<CloseReason> {
+        self.node.stats.received(text.len());
+        let parsed = parse_client_frame(&text);
+        if !self.bucket.try_take(Instant::now()) {
+            self.refused_in_row += 1;
+            if self.refused_in_row >= self.node.config.rate_burst {
+                return Some(CloseReason::RATE_LIMITED);
+            }
+            let message = format!(
+                "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
+                self.node.config.rate_limit, self.node.config.rate_burst
+            );
+            self.reject(Rejection::new(ErrorCode::RateLimited, message), parsed.reference);
+            return None;
+        }
+        self.refused_in_row = 0;
+        let outcome = match parsed.request {
+            Ok(request) => self.serve(request, parsed.reference).await,
+            Err(rejection) => Err(rejection),
+        };
+        if let Err(rejection) = outcome {
+            self.reject(rejection, parsed.reference);
+        }
+        None
+    }
+
+    fn offer(&self, item: Outbound) -> bool {
+        self.mailbox.offer(item, &self.node.stats)
+    }
+
+    fn reply(&self, frame: ServerFrame<'_>) {
+        self.offer(Outbound::Frame(frame.encode().into()));
+    }
+
+    fn error_text(&self, rejection: &Rejection, reference: Option<&RawValue>) -> Utf8Bytes {
+        self.node.stats.error_sent(rejection.code);
+        encode_error(rejection, reference).into()
+    }
+
+    fn reject(&self, rejection: Rejection, reference: Option<&RawValue>) {
+        let text = self.error_text(&rejection, reference);
+        self.offer(Outbound::Frame(text));
+    }
+
+    async fn serve(
+        &mut self,
+        request: Request<'_>,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Rejection> {
+        let node = self.node.clone();
+        let user = self.identity.user.clone();
+        match request {
+            Request::Join { room, catch_up } => self.join(&room, catch_up, reference).await,
+            Request::Leave { room } => {
+                let Some(room) = self.rooms.take(&*room) else {
+                    return Err(Rejection::new(
+                        ErrorCode::NotFound,
+                        format!("not in room \"{room}\""),
+                    ));
+                };
+                node.hub.leave(self.conn, &room).await;
+                let text = ServerFrame::Left {
+                    room: &room,
+                    reason: None,
+                    reference,
+                }
+                .encode();
+                self.offer(Outbound::Left {
+                    room,
+                    text: text.into(),
+                });
+                Ok(())
+            }
+            Request::Publish { room, data, key } => {
+                if !self.identity.permissions.may_publish(&room) {
+                    return Err(forbidden(format!("not allowed to publish to \"{room}\"")));
+                }
+                let template = MessageTemplate::new(&room, &user, data);
+                let stored = node
+                    .broker
+                    .publish_room(&room, template, key.as_deref())
+                    .await
+                    .map_err(|err| {
+                        Rejection::new(ErrorCode::Unavailable, format!("message not stored: {err}"))
+                    })?;
+                if reference.is_some() {
+                    self.reply(ServerFrame::Ack {
+                        id: Some(stored.id.to_string()),
+                        reference,
+                    });
+                }
+                Ok(())
+            }
+            Request::Direct { to, data } => {
+                if !self.identity.permissions.publish {
+                    return Err(forbidden("this token is read-only".into()));
+                }
+                let text = ServerFrame::Direct { from: &user, data }.encode();
+                let receivers = node
+                    .broker
+                    .publish(&Channel::User(Arc::from(&*to)), text.into())
+                    .await
+                    .map_err(unavailable)?;
+                if receivers == 0 {
+                    return Err(Rejection::new(
+                        ErrorCode::NotFound,
+                        format!("user \"{to}\" is not connected"),
+                    ));
+                }
+                self.ack_without_id(reference);
+                Ok(())
+            }
+            Request::Broadcast { data } => {
+                if !self.identity.permissions.broadcast {
+                    return Err(forbidden("broadcasting needs the \"broadcast\" permission".into()));
+                }
+                let text = ServerFrame::Broadcast { from: &user, data }.encode();
+                node.broker
+                    .publish(&Channel::Broadcast, text.into())
+                    .await
+                    .map_err(unavailable)?;
+                self.ack_without_id(reference);
+                Ok(())
+            }
+            Request::Presence { room } => {
+                if !self.identity.permissions.may_join(&room) {
+                    return Err(forbidden(format!("not allowed in room \"{room}\"")));
+                }
+                let users = node.broker.presence(&room).await.map_err(unavailable)?;
+                self.reply(ServerFrame::Presence {
+                    room: &room,
+                    users: &users,
+                    reference,
+                });
+                Ok(())
+            }
+            Request::Ping => {
+                self.reply(ServerFrame::Pong { reference });
+                Ok(())
+            }
+            Request::Refresh { token } => self.refresh(&token, reference).await,
+        }
+    }
+
+    fn ack_without_id(&self, reference: Option<&RawValue>) {
+        if reference.is_some() {
+            self.reply(ServerFrame::Ack {
+                id: None,
+                reference,
+            });
+        }
+    }
+
+    async fn join(
+        &mut self,
+        room: &str,
+        catch_up: CatchUp,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Rejection> {
+        if !self.identity.permissions.may_join(room) {
+            return Err(forbidden(format!("not allowed to join \"{room}\"")));
+        }
+        let max_rooms = self.node.config.max_rooms_per_connection;
+        let room: Arc<str> = match self.rooms.get(room) {
+            Some(joined) => joined.clone(),
+            None if self.rooms.len() >= max_rooms => {
+                return Err(Rejection::bad_request(format!(
+                    "already in {max_rooms} rooms (MAX_ROOMS_PER_CONNECTION); leave one first"
+                )))
+            }
+            None => Arc::from(room),
+        };
+        let catch_up = match catch_up {
+            CatchUp::Last(n) => CatchUp::Last(n.min(self.node.config.history_size)),
+            other => other,
+        };
+        let node = self.node.clone();
+        if !self.offer(Outbound::JoinStarted(room.clone())) {
+            return Ok(());
+        }
+        let replay = match node.hub.join(self.conn, &room).await {
+            Ok(_) => {
+                self.rooms.insert(room.clone());
+                node.broker.history(&room, catch_up).await
+            }
+            Err(err) => Err(err),
+        };
+        match replay {
+            Ok(replay) => {
+                let joined = ServerFrame::Joined {
+                    room: &room,
+                    recovered: replay.recovered,
+                    replayed: replay.messages.len(),
+                    reference,
+                }
+                .encode();
+                self.offer(Outbound::JoinCompleted(Box::new(JoinCompletion {
+                    room,
+                    replay: replay.messages,
+                    joined: joined.into(),
+                })));
+            }
+            Err(err) => {
+                if self.rooms.remove(&room) {
+                    node.hub.leave(self.conn, &room).await;
+                }
+                let error = self.error_text(&unavailable(err), reference);
+                self.offer(Outbound::JoinFailed { room, error });
+            }
+        }
+        Ok(())
+    }
+
+    async fn refresh(&mut self, token: &str, reference: Option<&RawValue>) -> Result<(), Rejection> {
+        let identity = self
+            .node
+            .auth
+            .verify(token)
+            .map_err(|err| Rejection::new(ErrorCode::Unauthorized, err.to_string()))?;
+        if identity.user != self.identity.user {
+            return Err(forbidden("the token is for another user".into()));
+        }
+        self.identity = identity;
+        self.expiring_sent_for = None;
+        let revoked: Vec<Arc<str>> = self
+            .rooms
+            .iter()
+            .filter(|room| !self.identity.permissions.may_join(room))
+            .cloned()
+            .collect();
+        for room in revoked {
+            self.rooms.remove(&room);
+            self.node.hub.leave(self.conn, &room).await;
+            let text = ServerFrame::Left {
+                room: &room,
+                reason: Some("not permitted by the refreshed token"),
+                reference: None,
+            }
+            .encode();
+            self.offer(Outbound::Left {
+                room,
+                text: text.into(),
+            });
+        }
+        self.reply(ServerFrame::Refreshed {
+            exp: self.identity.expires_at.unwrap_or(0),
+            reference,
+        });
+        Ok(())
+    }
+
+    /// When the session must next act on its token's expiry.
+    fn next_deadline(&self) -> Option<Instant> {
+        let exp = self.identity.expires_at?;
+        if self.expiring_sent_for != Some(exp) {
+            Some(unix_to_instant(exp).checked_sub(EXPIRING_NOTICE).unwrap_or_else(Instant::now))
+        } else {
+            Some(unix_to_instant(exp) + self.node.auth.leeway())
+        }
+    }
+
+    fn on_deadline(&mut self) {
+        let Some(exp) = self.identity.expires_at else {
+            return;
+        };
+        if self.expiring_sent_for != Some(exp) {
+            self.expiring_sent_for = Some(exp);
+            self.reply(ServerFrame::Expiring { exp });
+        } else {
+            self.mailbox.close.close(CloseReason::TOKEN_EXPIRED);
+        }
+    }
+}
+
+fn forbidden(message: String) -> Rejection {
+    Rejection::new(ErrorCode::Forbidden, message)
+}
+
+fn unavailable(err: crate::broker::BrokerError) -> Rejection {
+    Rejection::new(ErrorCode::Unavailable, err.to_string())
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+fn unix_to_instant(unix_secs: u64) -> Instant {
+    let now = now_ms();
+    let target = unix_secs.saturating_mul(1000);
+    if target >= now {
+        Instant::now() + Duration::from_millis(target - now)
+    } else {
+        Instant::now()
+            .checked_sub(Duration::from_millis(now - target))
+            .unwrap_or_else(Instant::now)
+    }
+}
+
+fn reason_for_read_error(err: axum::Error) -> CloseReason {
+    match err.into_inner().downcast::<tungstenite::Error>() {
+        Ok(err) => match *err {
+            tungstenite::Error::Capacity(_) => CloseReason::TOO_BIG,
+            tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
+                CloseReason::PROTOCOL_ERROR
+            }
+            _ => CloseReason::GONE,
+        },
+        Err(_) => CloseReason::GONE,
+    }
+}
+
+/// Token bucket: `rate` frames per second, bursts of up to `burst`.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32) -> Self {
+        TokenBucket {
+            rate,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The writer's view of each joined room: the last id written (to drop
+/// duplicates between a join's replay and live frames) and, while a join's
+/// catch-up is being read, the live frames held back until it arrives.
+struct Cursors {
+    rooms: HashMap<Arc<str>, RoomCursor>,
+    hold_limit: usize,
+    overflowed: bool,
+}
+
+#[derive(Default)]
+struct RoomCursor {
+    last: Option<MessageId>,
+    held: Option<Vec<Arc<RoomFrame>>>,
+}
+
+impl RoomCursor {
+    fn pass(&mut self, frame: &RoomFrame, out: &mut Vec<Utf8Bytes>) {
+        if let Some(id) = frame.id {
+            if self.last.is_some_and(|last| id <= last) {
+                return;
+            }
+            self.last = Some(id);
+        }
+        out.push(frame.text.clone());
+    }
+}
+
+impl Cursors {
+    fn new(hold_limit: usize) -> Self {
+        Cursors {
+            rooms: HashMap::new(),
+            hold_limit,
+            overflowed: false,
+        }
+    }
+
+    /// Turns a queue item into the frames to write, in order.
+    fn apply(&mut self, item: Outbound, out: &mut Vec<Utf8Bytes>) {
+        match item {
+            Outbound::Frame(text) => out.push(text),
+            Outbound::Room(frame) => match self.rooms.get_mut(&frame.room) {
+                Some(RoomCursor {
+                    held: Some(held), ..
+                }) => {
+                    if held.len() >= self.hold_limit {
+                        self.overflowed = true;
+                    } else {
+                        held.push(frame);
+                    }
+                }
+                Some(cursor) => cursor.pass(&frame, out),
+                None => out.push(frame.text.clone()),
+            },
+            Outbound::JoinStarted(room) => {
+                self.rooms.insert(
+                    room,
+                    RoomCursor {
+                        last: None,
+                        held: Some(Vec::new()),
+                    },
+                );
+            }
+            Outbound::JoinCompleted(completion) => {
+                let JoinCompletion {
+                    room,
+                    replay,
+                    joined,
+                } = *completion;
+                let cursor = self.rooms.entry(room).or_default();
+                let held = cursor.held.take().unwrap_or_default();
+                for frame in &replay {
+                    cursor.pass(frame, out);
+                }
+                out.push(joined);
+                for frame in &held {
+                    cursor.pass(frame, out);
+                }
+            }
+            Outbound::JoinFailed { room, error } => {
+                self.rooms.remove(&room);
+                out.push(error);
+            }
+            Outbound::Left { room, text } => {
+                self.rooms.remove(&room);
+                out.push(text);
+            }
+        }
+    }
+}
+
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    outbound: mpsc::Receiver<Outbound>,
+    close: Arc<CloseSignal>,
+    liveness: Arc<Liveness>,
+    heartbeat: Duration,
+    cursors: Cursors,
+    stats: Arc<Stats>,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let close = self.close.clone();
+        let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: Vec<Utf8Bytes> = Vec::new();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                reason = close.closed() => break reason,
+                _ = ping.tick() => {
+                    if self.liveness.silent_for() >= self.heartbeat * 2 {
+                        close.close(CloseReason::HEARTBEAT_TIMEOUT);
+                        continue;
+                    }
+                    let sent = tokio::select! {
+                        biased;
+                        reason = close.closed() => break reason,
+                        sent = self.sink.send(Message::Ping(Bytes::new())) => sent,
+                    };
+                    if sent.is_err() {
+                        close.close(CloseReason::GONE);
+                    }
+                }
+                item = self.outbound.recv() => {
+                    let Some(item) = item else {
+                        break close.reason().unwrap_or(CloseReason::GONE);
+                    };
+                    batch.clear();
+                    self.cursors.apply(item, &mut batch);
+                    while batch.len() < MAX_BATCH {
+                        match self.outbound.try_recv() {
+                            Ok(item) => self.cursors.apply(item, &mut batch),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.cursors.overflowed {
+                        if close.close(CloseReason::SLOW_CONSUMER) {
+                            self.stats.slow_consumer_closed();
+                        }
+                        continue;
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let frames = batch.len() as u64;
+                    let bytes = batch.iter().map(|t| t.len() as u64).sum();
+                    let sink = &mut self.sink;
+                    let written = tokio::select! {
+                        biased;
+                        reason = close.closed() => break reason,
+                        written = write_all(sink, &mut batch) => written,
+                    };
+                    match written {
+                        Ok(()) => self.stats.sent(frames, bytes),
+                        Err(_) => {
+                            close.close(CloseReason::GONE);
+                        }
+                    }
+                }
+            }
+        };
+        if reason.send_frame {
+            let frame = CloseFrame {
+                code: reason.code,
+                reason: reason.text.into(),
+            };
+            let _ = timeout(CLOSE_GRACE, self.sink.send(Message::Close(Some(frame)))).await;
+        } else if reason != CloseReason::GONE {
+            // Flushes the reply to the peer's close frame.
+            let _ = timeout(CLOSE_GRACE, self.sink.close()).await;
+        }
+    }
+}
+
+/// Feeds every frame, then flushes once: one write for the whole batch.
+async fn write_all(
+    sink: &mut SplitSink<WebSocket, Message>,
+    batch: &mut Vec<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    for text in batch.drain(..) {
+        sink.feed(Message::Text(text)).await?;
+    }
+    sink.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(room: &str, seq: Option<u64>, text: &str) -> Arc<RoomFrame> {
+        Arc::new(RoomFrame {
+            room: room.into(),
+            id: seq.map(|s| MessageId::new(1, s)),
+            text: text.into(),
+        })
+    }
+
+    fn run(cursors: &mut Cursors, items: Vec<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        for item in items {
+            cursors.apply(item, &mut out);
+        }
+        out.into_iter().map(|t| t.to_string()).collect()
+    }
+
+    #[test]
+    fn live_frames_during_a_join_wait_for_the_replay_and_duplicates_are_dropped() {
+        let mut cursors = Cursors::new(100);
+        let out = run(
+            &mut cursors,
+            vec![
+                Outbound::Frame("before".into()),
+                Outbound::JoinStarted("r".into()),
+                Outbound::Room(frame("r", Some(3), "m3")),
+                Outbound::Room(frame("r", None, "presence")),
+                Outbound::Room(frame("r", Some(4), "m4")),
+                Outbound::Frame("direct".into()),
+                Outbound::JoinCompleted(Box::new(JoinCompletion {
+                    room: "r".into(),
+                    replay: vec![frame("r", Some(2), "m2"), frame("r", Some(3), "m3")],
+                    joined: "joined".into(),
+                })),
+                Outbound::Room(frame("r", Some(4), "m4")),
+                Outbound::Room(frame("r", Some(5), "m5")),
+            ],
+        );
+        assert_eq!(
+            out,
+            vec!["before", "direct", "m2", "m3", "joined", "presence", "m4", "m5"]
+        );
+    }
+
+    #[test]
+    fn other_rooms_flow_while_one_is_joining_and_leaving_forgets_the_room() {
+        let mut cursors = Cursors::new(100);
+        let out = run(
+            &mut cursors,
+            vec![
+                Outbound::JoinStarted("a".into()),
+                Outbound::Room(frame("b", Some(1), "b1")),
+                Outbound::JoinCompleted(Box::new(JoinCompletion {
+                    room: "a".into(),
+                    replay: vec![],
+                    joined: "joined a".into(),
+                })),
+                Outbound::Left {
+                    room: "a".into(),
+                    text: "left a".into(),
+                },
+                Outbound::JoinStarted("a".into()),
+                Outbound::JoinFailed {
+                    room: "a".into(),
+                    error: "error".into(),
+                },
+                Outbound::Room(frame("a", Some(9), "a9")),
+            ],
+        );
+        assert_eq!(out, vec!["b1", "joined a", "left a", "error", "a9"]);
+        assert!(cursors.rooms.is_empty());
+    }
+
+    #[test]
+    fn holding_more_than_the_queue_bound_marks_a_slow_consumer() {
+        let mut cursors = Cursors::new(2);
+        run(
+            &mut cursors,
+            vec![
+                Outbound::JoinStarted("r".into()),
+                Outbound::Room(frame("r", Some(1), "1")),
+                Outbound::Room(frame("r", Some(2), "2")),
+            ],
+        );
+        assert!(!cursors.overflowed);
+        run(&mut cursors, vec![Outbound::Room(frame("r", Some(3), "3"))]);
+        assert!(cursors.overflowed);
+    }
+
+    #[test]
+    fn the_token_bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10.0, 3);
+        bucket.last = start;
+        assert!((0..3).all(|_| bucket.try_take(start)));
+        assert!(!bucket.try_take(start));
+        assert!(!bucket.try_take(start + Duration::from_millis(50)));
+        assert!(bucket.try_take(start + Duration::from_millis(110)));
+        assert!(!bucket.try_take(start + Duration::from_millis(120)));
+        // Idle time refills up to the burst, not beyond.
+        let later = start + Duration::from_secs(10);
+        assert!((0..3).all(|_| bucket.try_take(later)));
+        assert!(!bucket.try_take(later));
+    }
+}

@@ -1,0 +1,251 @@
+//! The node's counters, the single source of `/stats` (JSON) and `/metrics`
+//! (Prometheus text). Counters are plain atomics; histograms of fan-out time
+//! and message size live in this node's own Prometheus recorder (no global
+//! recorder, so several nodes can run in one process).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use metrics::{Histogram, Key, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+use serde::Serialize;
+
+use crate::protocol::ErrorCode;
+
+const FANOUT_SECONDS: &str = "roomcast_fanout_seconds";
+const MESSAGE_BYTES: &str = "roomcast_message_bytes";
+
+pub struct Stats {
+    started: Instant,
+    connections_opened: AtomicU64,
+    messages_in: AtomicU64,
+    bytes_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_out: AtomicU64,
+    slow_consumer_closes: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    closes: Mutex<BTreeMap<u16, u64>>,
+    upgrades_refused: Mutex<BTreeMap<&'static str, u64>>,
+    recorder: PrometheusRecorder,
+    fanout_seconds: Histogram,
+    message_bytes: Histogram,
+}
+
+/// The counters as `/stats` shows them.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    pub connections_opened: u64,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+    pub slow_consumer_closes: u64,
+    pub errors: BTreeMap<&'static str, u64>,
+    pub closes: BTreeMap<u16, u64>,
+    pub upgrades_refused: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()))
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(FANOUT_SECONDS.into()),
+                &[
+                    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1,
+                ],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(MESSAGE_BYTES.into()),
+                    &[64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0],
+                )
+            })
+            .unwrap_or_default()
+            .build_recorder();
+        recorder.describe_histogram(
+            FANOUT_SECONDS.into(),
+            Some(Unit::Seconds),
+            "Time to hand one delivery to every local recipient's queue".into(),
+        );
+        recorder.describe_histogram(
+            MESSAGE_BYTES.into(),
+            Some(Unit::Bytes),
+            "Size of text frames received from clients".into(),
+        );
+        let fanout_seconds = recorder.register_histogram(&Key::from_name(FANOUT_SECONDS), &metadata());
+        let message_bytes = recorder.register_histogram(&Key::from_name(MESSAGE_BYTES), &metadata());
+        Stats {
+            started: Instant::now(),
+            connections_opened: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            slow_consumer_closes: AtomicU64::new(0),
+            errors: Default::default(),
+            closes: Mutex::new(BTreeMap::new()),
+            upgrades_refused: Mutex::new(BTreeMap::new()),
+            recorder,
+            fanout_seconds,
+            message_bytes,
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_opened.fetch_add(1, Relaxed);
+    }
+
+    pub fn received(&self, bytes: usize) {
+        self.messages_in.fetch_add(1, Relaxed);
+        self.bytes_in.fetch_add(bytes as u64, Relaxed);
+        self.message_bytes.record(bytes as f64);
+    }
+
+    pub fn sent(&self, frames: u64, bytes: u64) {
+        self.messages_out.fetch_add(frames, Relaxed);
+        self.bytes_out.fetch_add(bytes, Relaxed);
+    }
+
+    pub fn slow_consumer_closed(&self) {
+        self.slow_consumer_closes.fetch_add(1, Relaxed);
+    }
+
+    pub fn error_sent(&self, code: ErrorCode) {
+        self.errors[code.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self, code: u16) {
+        *lock(&self.closes).entry(code).or_insert(0) += 1;
+    }
+
+    pub fn upgrade_refused(&self, reason: &'static str) {
+        *lock(&self.upgrades_refused).entry(reason).or_insert(0) += 1;
+    }
+
+    pub fn record_fanout(&self, took: Duration) {
+        self.fanout_seconds.record(took.as_secs_f64());
+    }
+
+    pub fn snapshot_counters(&self) -> Counters {
+        Counters {
+            connections_opened: self.connections_opened.load(Relaxed),
+            messages_in: self.messages_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            slow_consumer_closes: self.slow_consumer_closes.load(Relaxed),
+            errors: ErrorCode::ALL
+                .iter()
+                .map(|code| (code.as_str(), self.errors[code.index()].load(Relaxed)))
+                .collect(),
+            closes: lock(&self.closes).clone(),
+            upgrades_refused: lock(&self.upgrades_refused).clone(),
+        }
+    }
+
+    /// The Prometheus text exposition: the counters and gauges given, then
+    /// the histograms.
+    pub fn render_prometheus(&self, gauges: &[(&str, &str, f64)]) -> String {
+        use std::fmt::Write;
+        let c = self.snapshot_counters();
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let plain = |v: u64| vec![(String::new(), v as f64)];
+        for (name, help, value) in gauges {
+            metric(name, "gauge", help, &[(String::new(), *value)]);
+        }
+        metric(
+            "roomcast_uptime_seconds",
+            "gauge",
+            "Seconds since the node started",
+            &[(String::new(), self.uptime().as_secs_f64())],
+        );
+        metric("roomcast_connections_opened_total", "counter", "WebSocket sessions accepted", &plain(c.connections_opened));
+        metric("roomcast_messages_in_total", "counter", "Text frames received from clients", &plain(c.messages_in));
+        metric("roomcast_bytes_in_total", "counter", "Bytes of text frames received from clients", &plain(c.bytes_in));
+        metric("roomcast_messages_out_total", "counter", "Frames written to clients", &plain(c.messages_out));
+        metric("roomcast_bytes_out_total", "counter", "Bytes of text frames written to clients", &plain(c.bytes_out));
+        metric(
+            "roomcast_slow_consumer_closes_total",
+            "counter",
+            "Connections closed with 4008 because their queue was full",
+            &plain(c.slow_consumer_closes),
+        );
+        let labelled = |label: &str, map: Vec<(String, u64)>| {
+            map.into_iter()
+                .map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), v as f64))
+                .collect::<Vec<_>>()
+        };
+        metric(
+            "roomcast_errors_total",
+            "counter",
+            "Error frames sent, by code",
+            &labelled("code", c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+        );
+        metric(
+            "roomcast_closes_total",
+            "counter",
+            "Closed connections, by close code",
+            &labelled("code", c.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+        );
+        metric(
+            "roomcast_upgrades_refused_total",
+            "counter",
+            "WebSocket upgrades refused, by reason",
+            &labelled(
+                "reason",
+                c.upgrades_refused.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ),
+        );
+        let handle = self.recorder.handle();
+        handle.run_upkeep();
+        out.push_str(&handle.render());
+        out
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_counters_gauges_and_histograms() {
+        let stats = Stats::new();
+        stats.received(100);
+        stats.error_sent(ErrorCode::BadRequest);
+        stats.connection_closed(4008);
+        stats.record_fanout(Duration::from_micros(20));
+        let text = stats.render_prometheus(&[("roomcast_connections", "Open connections", 3.0)]);
+        assert!(text.contains("roomcast_connections 3"), "{text}");
+        assert!(text.contains("roomcast_messages_in_total 1"), "{text}");
+        assert!(text.contains("roomcast_errors_total{code=\"bad_request\"} 1"), "{text}");
+        assert!(text.contains("roomcast_closes_total{code=\"4008\"} 1"), "{text}");
+        assert!(text.contains("roomcast_fanout_seconds_bucket{le=\"0.00005\"} 1"), "{text}");
+        assert!(text.contains("roomcast_message_bytes_count 1"), "{text}");
+    }
+}
