@@ -128,8 +128,16 @@ impl Config {
         at_least("CLIENT_QUEUE", self.client_queue as u64, 1)?;
         at_least("HISTORY_SIZE", self.history_size as u64, 1)?;
         at_least("RATE_BURST", self.rate_burst as u64, 1)?;
-        at_least("MAX_ROOMS_PER_CONNECTION", self.max_rooms_per_connection as u64, 1)?;
-        at_least("HEARTBEAT_INTERVAL (ms)", self.heartbeat_interval.as_millis() as u64, 10)?;
+        at_least(
+            "MAX_ROOMS_PER_CONNECTION",
+            self.max_rooms_per_connection as u64,
+            1,
+        )?;
+        at_least(
+            "HEARTBEAT_INTERVAL (ms)",
+            self.heartbeat_interval.as_millis() as u64,
+            10,
+        )?;
         at_least("HISTORY_TTL (ms)", self.history_ttl.as_millis() as u64, 1)?;
         if !(self.rate_limit.is_finite() && self.rate_limit > 0.0) {
             return Err(ConfigError::BadRateLimit);
@@ -165,7 +173,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?}: use ms, s, m or h"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
@@ -197,10 +209,16 @@ mod tests {
         let public = config(&["--bind", "0.0.0.0:8080"]);
         assert_eq!(
             public.validate(),
-            Err(ConfigError::DevModeOnPublicAddress("0.0.0.0:8080".parse().unwrap()))
+            Err(ConfigError::DevModeOnPublicAddress(
+                "0.0.0.0:8080".parse().unwrap()
+            ))
         );
-        assert!(config(&["--bind", "0.0.0.0:8080", "--insecure"]).validate().is_ok());
-        assert!(config(&["--bind", "0.0.0.0:8080", "--jwt-secret", "s"]).validate().is_ok());
+        assert!(config(&["--bind", "0.0.0.0:8080", "--insecure"])
+            .validate()
+            .is_ok());
+        assert!(config(&["--bind", "0.0.0.0:8080", "--jwt-secret", "s"])
+            .validate()
+            .is_ok());
         assert!(config(&[]).validate().is_ok());
     }
 
@@ -208,9 +226,11 @@ mod tests {
     fn lower_bounds_are_checked() {
         assert!(config(&["--client-queue", "0"]).validate().is_err());
         assert!(config(&["--rate-limit", "0"]).validate().is_err());
-        assert!(config(&["--allowed-origins", "https://a.example,https://b.example"])
-            .allowed_origins
-            .len()
-            == 2);
+        assert!(
+            config(&["--allowed-origins", "https://a.example,https://b.example"])
+                .allowed_origins
+                .len()
+                == 2
+        );
     }
 }

@@ -44,7 +44,10 @@ async fn run(config: Config) -> ExitCode {
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|err| {
-        eprintln!("roomcast: bad log filter {:?} ({err}); using \"info\"", config.log_filter);
+        eprintln!(
+            "roomcast: bad log filter {:?} ({err}); using \"info\"",
+            config.log_filter
+        );
         EnvFilter::new("info")
     });
     let builder = tracing_subscriber::fmt()
@@ -58,8 +61,10 @@ fn init_logging(config: &Config) {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

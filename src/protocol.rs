@@ -510,7 +510,10 @@ mod tests {
         assert_eq!(id.to_string(), "1700000000000-7");
         assert!(MessageId::new(5, 0) > MessageId::new(4, 99));
         assert!(MessageId::new(5, 1) > MessageId::new(5, 0));
-        assert_eq!(MessageId::new(5, u64::MAX).successor(), MessageId::new(6, 0));
+        assert_eq!(
+            MessageId::new(5, u64::MAX).successor(),
+            MessageId::new(6, 0)
+        );
         for bad in ["", "12", "-1", "1-", "a-1", "1-2-3", "+1-2", "1 -2"] {
             assert!(bad.parse::<MessageId>().is_err(), "{bad:?} parsed");
         }

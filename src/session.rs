@@ -221,14 +221,16 @@ impl Reader {
             Message::Binary(data) => {
                 self.node.stats.received(data.len());
                 self.reject(
-                    Rejection::bad_request("binary frames are not supported: send JSON text frames"),
+                    Rejection::bad_request(
+                        "binary frames are not supported: send JSON text frames",
+                    ),
                     None,
                 );
                 None
             }
-            Message::Close(frame) => Some(CloseReason::by_peer(
-                frame.map(|f| f.code).unwrap_or(1005),
-            )),
+            Message::Close(frame) => {
+                Some(CloseReason::by_peer(frame.map(|f| f.code).unwrap_or(1005)))
+            }
             Message::Ping(_) | Message::Pong(_) => None,
         }
     }
@@ -245,7 +247,10 @@ impl Reader {
                 "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
                 self.node.config.rate_limit, self.node.config.rate_burst
             );
-            self.reject(Rejection::new(ErrorCode::RateLimited, message), parsed.reference);
+            self.reject(
+                Rejection::new(ErrorCode::RateLimited, message),
+                parsed.reference,
+            );
             return None;
         }
         self.refused_in_row = 0;
@@ -347,7 +352,9 @@ impl Reader {
             }
             Request::Broadcast { data } => {
                 if !self.identity.permissions.broadcast {
-                    return Err(forbidden("broadcasting needs the \"broadcast\" permission".into()));
+                    return Err(forbidden(
+                        "broadcasting needs the \"broadcast\" permission".into(),
+                    ));
                 }
                 let text = ServerFrame::Broadcast { from: &user, data }.encode();
                 node.broker
@@ -446,7 +453,11 @@ impl Reader {
         Ok(())
     }
 
-    async fn refresh(&mut self, token: &str, reference: Option<&RawValue>) -> Result<(), Rejection> {
+    async fn refresh(
+        &mut self,
+        token: &str,
+        reference: Option<&RawValue>,
+    ) -> Result<(), Rejection> {
         let identity = self
             .node
             .auth
@@ -488,7 +499,11 @@ impl Reader {
     fn next_deadline(&self) -> Option<Instant> {
         let exp = self.identity.expires_at?;
         if self.expiring_sent_for != Some(exp) {
-            Some(unix_to_instant(exp).checked_sub(EXPIRING_NOTICE).unwrap_or_else(Instant::now))
+            Some(
+                unix_to_instant(exp)
+                    .checked_sub(EXPIRING_NOTICE)
+                    .unwrap_or_else(Instant::now),
+            )
         } else {
             Some(unix_to_instant(exp) + self.node.auth.leeway())
         }

@@ -69,7 +69,16 @@ impl Stats {
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full(MESSAGE_BYTES.into()),
-                    &[64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262_144.0, 1_048_576.0],
+                    &[
+                        64.0,
+                        256.0,
+                        1024.0,
+                        4096.0,
+                        16384.0,
+                        65536.0,
+                        262_144.0,
+                        1_048_576.0,
+                    ],
                 )
             })
             .unwrap_or_default()
@@ -84,8 +93,10 @@ impl Stats {
             Some(Unit::Bytes),
             "Size of text frames received from clients".into(),
         );
-        let fanout_seconds = recorder.register_histogram(&Key::from_name(FANOUT_SECONDS), &metadata());
-        let message_bytes = recorder.register_histogram(&Key::from_name(MESSAGE_BYTES), &metadata());
+        let fanout_seconds =
+            recorder.register_histogram(&Key::from_name(FANOUT_SECONDS), &metadata());
+        let message_bytes =
+            recorder.register_histogram(&Key::from_name(MESSAGE_BYTES), &metadata());
         Stats {
             started: Instant::now(),
             connections_opened: AtomicU64::new(0),
@@ -181,11 +192,36 @@ impl Stats {
             "Seconds since the node started",
             &[(String::new(), self.uptime().as_secs_f64())],
         );
-        metric("roomcast_connections_opened_total", "counter", "WebSocket sessions accepted", &plain(c.connections_opened));
-        metric("roomcast_messages_in_total", "counter", "Text frames received from clients", &plain(c.messages_in));
-        metric("roomcast_bytes_in_total", "counter", "Bytes of text frames received from clients", &plain(c.bytes_in));
-        metric("roomcast_messages_out_total", "counter", "Frames written to clients", &plain(c.messages_out));
-        metric("roomcast_bytes_out_total", "counter", "Bytes of text frames written to clients", &plain(c.bytes_out));
+        metric(
+            "roomcast_connections_opened_total",
+            "counter",
+            "WebSocket sessions accepted",
+            &plain(c.connections_opened),
+        );
+        metric(
+            "roomcast_messages_in_total",
+            "counter",
+            "Text frames received from clients",
+            &plain(c.messages_in),
+        );
+        metric(
+            "roomcast_bytes_in_total",
+            "counter",
+            "Bytes of text frames received from clients",
+            &plain(c.bytes_in),
+        );
+        metric(
+            "roomcast_messages_out_total",
+            "counter",
+            "Frames written to clients",
+            &plain(c.messages_out),
+        );
+        metric(
+            "roomcast_bytes_out_total",
+            "counter",
+            "Bytes of text frames written to clients",
+            &plain(c.bytes_out),
+        );
         metric(
             "roomcast_slow_consumer_closes_total",
             "counter",
@@ -201,13 +237,19 @@ impl Stats {
             "roomcast_errors_total",
             "counter",
             "Error frames sent, by code",
-            &labelled("code", c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+            &labelled(
+                "code",
+                c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ),
         );
         metric(
             "roomcast_closes_total",
             "counter",
             "Closed connections, by close code",
-            &labelled("code", c.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+            &labelled(
+                "code",
+                c.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ),
         );
         metric(
             "roomcast_upgrades_refused_total",
@@ -215,7 +257,10 @@ impl Stats {
             "WebSocket upgrades refused, by reason",
             &labelled(
                 "reason",
-                c.upgrades_refused.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                c.upgrades_refused
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
             ),
         );
         let handle = self.recorder.handle();
@@ -243,9 +288,18 @@ mod tests {
         let text = stats.render_prometheus(&[("roomcast_connections", "Open connections", 3.0)]);
         assert!(text.contains("roomcast_connections 3"), "{text}");
         assert!(text.contains("roomcast_messages_in_total 1"), "{text}");
-        assert!(text.contains("roomcast_errors_total{code=\"bad_request\"} 1"), "{text}");
-        assert!(text.contains("roomcast_closes_total{code=\"4008\"} 1"), "{text}");
-        assert!(text.contains("roomcast_fanout_seconds_bucket{le=\"0.00005\"} 1"), "{text}");
+        assert!(
+            text.contains("roomcast_errors_total{code=\"bad_request\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roomcast_closes_total{code=\"4008\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roomcast_fanout_seconds_bucket{le=\"0.00005\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("roomcast_message_bytes_count 1"), "{text}");
     }
 }

@@ -15,19 +15,23 @@ use crate::history::memory::MemoryHistory;
 use crate::history::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
 
+/// Connections per user, in one room.
+type UserCounts = HashMap<Arc<str>, usize>;
+
 pub struct MemoryBroker {
     history: MemoryHistory,
     /// Reference counts of subscribed channels.
     subscriptions: Mutex<HashMap<Channel, usize>>,
-    /// Connection counts per user per room.
-    presence: Mutex<HashMap<Arc<str>, HashMap<Arc<str>, usize>>>,
+    presence: Mutex<HashMap<Arc<str>, UserCounts>>,
     /// Unbounded so that publishing never waits: the listener only
     /// `try_send`s to client queues, and client input is rate limited.
     deliveries: mpsc::UnboundedSender<Delivery>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub fn now_ms() -> u64 {
@@ -51,7 +55,8 @@ impl MemoryBroker {
             presence: Mutex::new(HashMap::new()),
             deliveries,
         });
-        let sweep_every = (history_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let sweep_every =
+            (history_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         tokio::spawn(expire_history(Arc::downgrade(&broker), sweep_every));
         (broker, incoming)
     }
@@ -221,7 +226,10 @@ mod tests {
         let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60));
         let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
         let template = MessageTemplate::new("r", "u", &data);
-        let stored = broker.publish_room("r", template.clone(), None).await.unwrap();
+        let stored = broker
+            .publish_room("r", template.clone(), None)
+            .await
+            .unwrap();
         assert!(incoming.try_recv().is_err());
         let replay = broker.history("r", CatchUp::Last(5)).await.unwrap();
         assert_eq!(replay.messages[0].id, Some(stored.id));

@@ -52,7 +52,9 @@ impl MemoryHistory {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Stores a message and hands the new frame to `publish` while the lock is
@@ -89,16 +91,13 @@ impl MemoryHistory {
             Some((name, _)) => name.clone(),
             None => Arc::from(room),
         };
-        let log = inner
-            .rooms
-            .entry(room.clone())
-            .or_insert_with(|| RoomLog {
-                messages: VecDeque::new(),
-                complete_after: predecessor(id),
-                last_activity: now,
-                keys: HashMap::new(),
-                key_order: VecDeque::new(),
-            });
+        let log = inner.rooms.entry(room.clone()).or_insert_with(|| RoomLog {
+            messages: VecDeque::new(),
+            complete_after: predecessor(id),
+            last_activity: now,
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
+        });
         let frame = Arc::new(RoomFrame {
             room,
             id: Some(id),

@@ -82,7 +82,9 @@ async fn upgrade(
         Ok(identity) => identity,
         Err(err) => {
             let (status, reason) = match err {
-                AuthError::BadUser(_) if node.auth.is_dev() => (StatusCode::BAD_REQUEST, "bad_user"),
+                AuthError::BadUser(_) if node.auth.is_dev() => {
+                    (StatusCode::BAD_REQUEST, "bad_user")
+                }
                 AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_token"),
                 AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_token"),
                 _ => (StatusCode::UNAUTHORIZED, "invalid_token"),
@@ -102,7 +104,10 @@ async fn upgrade(
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {
-    allowed.is_empty() || allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
 }
 
 async fn healthz() -> &'static str {
@@ -170,11 +175,31 @@ async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
     let counts = node.hub.counts();
     let up = |ok: bool| if ok { 1.0 } else { 0.0 };
     let text = node.stats.render_prometheus(&[
-        ("roomcast_connections", "Open WebSocket connections", counts.connections as f64),
-        ("roomcast_users", "Distinct users connected", counts.users as f64),
-        ("roomcast_rooms", "Rooms with at least one local member", counts.rooms as f64),
-        ("roomcast_ready", "1 when the node accepts traffic", up(node.is_ready())),
-        ("roomcast_draining", "1 while the node drains", up(node.is_draining())),
+        (
+            "roomcast_connections",
+            "Open WebSocket connections",
+            counts.connections as f64,
+        ),
+        (
+            "roomcast_users",
+            "Distinct users connected",
+            counts.users as f64,
+        ),
+        (
+            "roomcast_rooms",
+            "Rooms with at least one local member",
+            counts.rooms as f64,
+        ),
+        (
+            "roomcast_ready",
+            "1 when the node accepts traffic",
+            up(node.is_ready()),
+        ),
+        (
+            "roomcast_draining",
+            "1 while the node drains",
+            up(node.is_draining()),
+        ),
         (
             "roomcast_broker_up",
             "1 when the broker is reachable",
@@ -182,7 +207,10 @@ async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
         ),
     ]);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

@@ -32,7 +32,8 @@ impl CloseReason {
         CloseReason::server(close::TOO_BIG, "frame larger than MAX_MESSAGE_BYTES");
     pub const RATE_LIMITED: CloseReason =
         CloseReason::server(close::RATE_LIMITED, "rate limit exceeded repeatedly");
-    pub const TOKEN_EXPIRED: CloseReason = CloseReason::server(close::TOKEN_EXPIRED, "token expired");
+    pub const TOKEN_EXPIRED: CloseReason =
+        CloseReason::server(close::TOKEN_EXPIRED, "token expired");
     pub const DRAINING: CloseReason =
         CloseReason::server(close::DRAINING, "node draining: reconnect");
     pub const HEARTBEAT_TIMEOUT: CloseReason =

@@ -201,7 +201,10 @@ impl Hub {
             return Ok(false);
         }
         match self.broker.presence_add(room, &user).await {
-            Ok(true) => self.announce(room, ServerFrame::Join { room, user: &user }).await,
+            Ok(true) => {
+                self.announce(room, ServerFrame::Join { room, user: &user })
+                    .await
+            }
             Ok(false) => {}
             Err(err) => {
                 tracing::warn!(%room, %user, error = %err, "presence update failed");
@@ -240,7 +243,10 @@ impl Hub {
             tracing::warn!(%room, error = %err, "unsubscribing a room channel failed");
         }
         match self.broker.presence_remove(&room, user).await {
-            Ok(true) => self.announce(&room, ServerFrame::Leave { room: &room, user }).await,
+            Ok(true) => {
+                self.announce(&room, ServerFrame::Leave { room: &room, user })
+                    .await
+            }
             Ok(false) => {}
             Err(err) => tracing::warn!(%room, %user, error = %err, "presence update failed"),
         }
@@ -249,7 +255,11 @@ impl Hub {
     /// Publishes a presence event to the room's members on every node.
     async fn announce(&self, room: &Arc<str>, event: ServerFrame<'_>) {
         let text = Utf8Bytes::from(event.encode());
-        if let Err(err) = self.broker.publish(&Channel::Room(room.clone()), text).await {
+        if let Err(err) = self
+            .broker
+            .publish(&Channel::Room(room.clone()), text)
+            .await
+        {
             tracing::warn!(%room, error = %err, "publishing a presence event failed");
         }
     }
@@ -270,13 +280,17 @@ impl Hub {
             Delivery::User { user, text } => {
                 for id in registry.users.get(&user).into_iter().flatten() {
                     if let Some(connection) = registry.connections.get(id) {
-                        connection.mailbox.offer(Outbound::Frame(text.clone()), stats);
+                        connection
+                            .mailbox
+                            .offer(Outbound::Frame(text.clone()), stats);
                     }
                 }
             }
             Delivery::Broadcast(text) => {
                 for connection in registry.connections.values() {
-                    connection.mailbox.offer(Outbound::Frame(text.clone()), stats);
+                    connection
+                        .mailbox
+                        .offer(Outbound::Frame(text.clone()), stats);
                 }
             }
         }

@@ -1,0 +1,211 @@
+//! Bad input and misbehaving clients get a clear answer, and nobody else is
+//! harmed: malformed frames, oversize frames, floods, slow readers, silent
+//! peers, too many rooms.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Ending, TestNode};
+
+#[tokio::test]
+async fn malformed_and_unknown_frames_get_bad_request_and_the_connection_stays_usable() {
+    let node = TestNode::start(&[]).await;
+    let mut client = node.connect("alice").await;
+
+    client.send_text("this is not json").await;
+    let error = client.expect("error").await;
+    assert_eq!(error["code"], "bad_request");
+    assert!(error.get("ref").is_none());
+
+    client.send(json!({"type":"teleport","ref":1})).await;
+    let error = client.expect("error").await;
+    assert_eq!(error["code"], "bad_request");
+    assert_eq!(error["ref"], 1);
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown type \"teleport\""));
+
+    client
+        .send(json!({"type":"publish","data":1,"ref":2}))
+        .await;
+    let error = client.expect("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["ref"].as_i64()),
+        (Some("bad_request"), Some(2))
+    );
+    assert!(error["message"].as_str().unwrap().contains("\"room\""));
+
+    client
+        .send(json!({"type":"join","room":"no spaces allowed","ref":3}))
+        .await;
+    assert_eq!(client.expect("error").await["code"], "bad_request");
+
+    client.send(json!({"ref":4})).await;
+    assert_eq!(client.expect("error").await["code"], "bad_request");
+
+    client.send(json!({"type":"ping","ref":5})).await;
+    assert_eq!(client.expect("pong").await["ref"], 5);
+    assert_eq!(client.join("still-works").await["room"], "still-works");
+}
+
+#[tokio::test]
+async fn binary_frames_get_a_clear_error_not_a_crash() {
+    use futures::SinkExt;
+    let node = TestNode::start(&[]).await;
+    let mut client = node.connect("alice").await;
+    client
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![
+            1u8, 2, 3,
+        ]))
+        .await
+        .unwrap();
+    let error = client.expect("error").await;
+    assert_eq!(error["code"], "bad_request");
+    assert!(error["message"].as_str().unwrap().contains("binary"));
+    client.send(json!({"type":"ping"})).await;
+    client.expect("pong").await;
+}
+
+#[tokio::test]
+async fn a_frame_over_max_message_bytes_closes_with_1009_and_others_carry_on() {
+    let node = TestNode::start(&["--max-message-bytes", "1024"]).await;
+    let mut bystander = node.connect("bystander").await;
+    bystander.join("r").await;
+    let mut client = node.connect("big").await;
+    let fits = json!({"type":"publish","room":"r","data":"x".repeat(900)}).to_string();
+    assert!(fits.len() < 1024);
+    client.send_text(&fits).await;
+    assert_eq!(bystander.expect("message").await["from"], "big");
+
+    let too_big = json!({"type":"publish","room":"r","data":"x".repeat(2000)}).to_string();
+    client.send_text(&too_big).await;
+    assert_eq!(client.expect_close().await, Ending::Closed(1009));
+
+    bystander.send(json!({"type":"ping"})).await;
+    bystander.expect("pong").await;
+}
+
+#[tokio::test]
+async fn a_flood_gets_rate_limited_errors_then_close_4029() {
+    let node = TestNode::start(&["--rate-limit", "2", "--rate-burst", "5"]).await;
+    let mut flooder = node.connect("flooder").await;
+    let mut calm = node.connect("calm").await;
+    for n in 0..5 {
+        flooder.send(json!({"type":"ping","ref":n})).await;
+    }
+    for n in 0..5 {
+        assert_eq!(
+            flooder.expect("pong").await["ref"],
+            n,
+            "the burst is served"
+        );
+    }
+    flooder.send(json!({"type":"ping","ref":"over"})).await;
+    let error = flooder.expect("error").await;
+    assert_eq!(error["code"], "rate_limited");
+    assert_eq!(error["ref"], "over");
+    for n in 0..50 {
+        flooder.send(json!({"type":"ping","ref":n})).await;
+    }
+    assert_eq!(flooder.expect_close().await, Ending::Closed(4029));
+
+    calm.send(json!({"type":"ping"})).await;
+    calm.expect("pong").await;
+    let stats = node.wait_for_stats(|s| s["closes"]["4029"] == 1).await;
+    assert!(
+        stats["errors"]["rate_limited"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_closed_4008_while_a_reading_member_gets_everything() {
+    const MESSAGES: usize = 400;
+    let node = TestNode::start(&[
+        "--client-queue",
+        "16",
+        "--rate-limit",
+        "100000",
+        "--rate-burst",
+        "100000",
+    ])
+    .await;
+    let mut slow = node.connect("slow").await;
+    let mut fast = node.connect("fast").await;
+    let mut publisher = node.connect("publisher").await;
+    slow.join("firehose").await;
+    fast.join("firehose").await;
+
+    let progress = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let progress = progress.clone();
+        async move {
+            let mut seen = Vec::with_capacity(MESSAGES);
+            while seen.len() < MESSAGES {
+                let frame = fast.recv().await;
+                if frame["type"] == "message" {
+                    seen.push(frame["data"]["n"].as_u64().unwrap());
+                    progress.store(seen.len(), Ordering::Release);
+                }
+            }
+            seen
+        }
+    });
+    // 30 KB messages fill the slow client's socket buffers, then its queue.
+    // The publisher stays within a few messages of the reading client, so
+    // only the client that stopped reading can fill its queue of 16.
+    let padding = "x".repeat(30_000);
+    for n in 0..MESSAGES {
+        while progress.load(Ordering::Acquire) + 4 < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        publisher
+            .send(json!({"type":"publish","room":"firehose","data":{"n":n,"pad":padding}}))
+            .await;
+    }
+    let received = reader.await.unwrap();
+    assert_eq!(received, (0..MESSAGES as u64).collect::<Vec<_>>());
+
+    // The slow client is told why, once it reads again.
+    node.wait_for_stats(|s| s["slow_consumer_closes"] == 1)
+        .await;
+    assert_eq!(slow.expect_close().await, Ending::Closed(4008));
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_disconnected_and_a_live_one_is_not() {
+    let node = TestNode::start(&["--heartbeat-interval", "200ms"]).await;
+    let mut live = node.connect("live").await;
+    let _silent = node.connect("silent").await; // never polled: never answers pings
+    live.expect_silence(Duration::from_millis(1500)).await;
+    let stats = node.wait_for_stats(|s| s["closes"]["1001"] == 1).await;
+    assert_eq!(stats["connections"], 1, "{stats}");
+    live.send(json!({"type":"ping"})).await;
+    live.expect("pong").await;
+}
+
+#[tokio::test]
+async fn joining_more_rooms_than_allowed_is_refused() {
+    let node = TestNode::start(&["--max-rooms-per-connection", "2"]).await;
+    let mut client = node.connect("alice").await;
+    client.join("a").await;
+    client.join("b").await;
+    client.join("a").await;
+    client
+        .send(json!({"type":"join","room":"c","ref":"c"}))
+        .await;
+    let error = client.expect("error").await;
+    assert_eq!(error["code"], "bad_request");
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("MAX_ROOMS_PER_CONNECTION"));
+    client.send(json!({"type":"leave","room":"a"})).await;
+    client.expect("left").await;
+    client.join("c").await;
+}

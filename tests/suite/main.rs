@@ -1,0 +1,12 @@
+//! The integration suite: real sockets against real nodes, one test binary.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auth;
+mod frames;
+mod http;
+mod lifecycle;
+mod limits;
+mod load;
+mod resume;

@@ -1,0 +1,143 @@
+//! History: resume after a disconnect with `since`, backlog with `last`, and
+//! an honest `recovered:false` when history no longer reaches back.
+
+use serde_json::json;
+
+use crate::support::{collect_messages, TestNode};
+
+#[tokio::test]
+async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order() {
+    let node = TestNode::start(&[]).await;
+    let mut reader = node.connect("reader").await;
+    let mut writer = node.connect("writer").await;
+    reader.join("news").await;
+    for n in 0..5 {
+        writer.publish("news", json!(n)).await;
+    }
+    let seen = collect_messages(&mut reader, 5).await;
+    let last_id = seen[4]["id"].as_str().unwrap().to_string();
+    reader.close().await;
+
+    let mut missed_ids = Vec::new();
+    for n in 5..12 {
+        missed_ids.push(writer.publish("news", json!(n)).await);
+    }
+
+    let mut reader = node.connect("reader").await;
+    reader
+        .send(json!({"type":"join","room":"news","since":last_id,"ref":"j"}))
+        .await;
+    let replayed = collect_messages(&mut reader, 7).await;
+    let ids: Vec<_> = replayed.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, missed_ids);
+    let data: Vec<_> = replayed
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(data, (5..12).collect::<Vec<_>>());
+    let joined = reader.expect("joined").await;
+    assert_eq!(
+        joined,
+        json!({"type":"joined","room":"news","recovered":true,"replayed":7,"ref":"j"})
+    );
+
+    // Live delivery continues after the replay, without duplicates.
+    let live = writer.publish("news", json!(12)).await;
+    let next = collect_messages(&mut reader, 1).await;
+    assert_eq!(next[0]["id"], live.as_str());
+}
+
+#[tokio::test]
+async fn resuming_from_before_trimmed_history_says_recovered_false() {
+    let node = TestNode::start(&["--history-size", "5"]).await;
+    let mut writer = node.connect("writer").await;
+    let first = writer.publish("r", json!(0)).await;
+    for n in 1..10 {
+        writer.publish("r", json!(n)).await;
+    }
+    let mut reader = node.connect("reader").await;
+    reader
+        .send(json!({"type":"join","room":"r","since":first}))
+        .await;
+    let replayed = collect_messages(&mut reader, 5).await;
+    let data: Vec<_> = replayed
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(data, vec![5, 6, 7, 8, 9], "what is left is still delivered");
+    let joined = reader.expect("joined").await;
+    assert_eq!(joined["recovered"], false);
+    assert_eq!(joined["replayed"], 5);
+}
+
+#[tokio::test]
+async fn resuming_in_a_room_without_history_is_not_recovered() {
+    let node = TestNode::start(&[]).await;
+    let mut reader = node.connect("reader").await;
+    reader
+        .send(json!({"type":"join","room":"empty","since":"1700000000000-0"}))
+        .await;
+    let joined = reader.expect("joined").await;
+    assert_eq!(joined["recovered"], false);
+    assert_eq!(joined["replayed"], 0);
+}
+
+#[tokio::test]
+async fn a_new_joiner_with_last_gets_the_latest_messages_first() {
+    let node = TestNode::start(&["--history-size", "10"]).await;
+    let mut writer = node.connect("writer").await;
+    for n in 0..15 {
+        writer.publish("chat", json!(n)).await;
+    }
+    let mut newcomer = node.connect("newcomer").await;
+    newcomer
+        .send(json!({"type":"join","room":"chat","last":3}))
+        .await;
+    let backlog = collect_messages(&mut newcomer, 3).await;
+    let data: Vec<_> = backlog
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(data, vec![12, 13, 14]);
+    let joined = newcomer.expect("joined").await;
+    assert_eq!(joined["replayed"], 3);
+
+    let mut greedy = node.connect("greedy").await;
+    greedy
+        .send(json!({"type":"join","room":"chat","last":500}))
+        .await;
+    let backlog = collect_messages(&mut greedy, 10).await;
+    assert_eq!(backlog[0]["data"], 5, "capped at HISTORY_SIZE");
+    assert_eq!(greedy.expect("joined").await["replayed"], 10);
+}
+
+#[tokio::test]
+async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order() {
+    let node = TestNode::start(&["--rate-limit", "100000", "--rate-burst", "100000"]).await;
+    let mut writer = node.connect("writer").await;
+    let start = writer.publish("busy", json!(-1)).await;
+    // A second writer keeps publishing while the reader resumes.
+    let addr = node.ws_url("user=pump");
+    let pump = tokio::spawn(async move {
+        let mut pump = crate::support::Client::connect(&addr).await;
+        for n in 0..200 {
+            pump.send(json!({"type":"publish","room":"busy","data":n}))
+                .await;
+            if n % 20 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        pump
+    });
+    let mut reader = node.connect("reader").await;
+    reader
+        .send(json!({"type":"join","room":"busy","since":start}))
+        .await;
+    let messages = collect_messages(&mut reader, 200).await;
+    let data: Vec<_> = messages
+        .iter()
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect();
+    assert_eq!(data, (0..200).collect::<Vec<_>>());
+    let _pump = pump.await.unwrap();
+}

@@ -1,0 +1,401 @@
+//! Shared helpers for the integration suite: start a node in-process or as a
+//! process on a free loopback port, and a small JSON WebSocket client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use roomcast::{Config, Node};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for any one expected frame.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A node running inside the test process.
+pub struct TestNode {
+    node: Option<Node>,
+    pub addr: SocketAddr,
+}
+
+impl TestNode {
+    /// Starts a node on a free loopback port; `args` are CLI flags.
+    pub async fn start(args: &[&str]) -> TestNode {
+        let mut all = vec!["roomcast", "--bind", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let config = Config::try_parse_from(all).expect("test node flags parse");
+        let node = Node::start(config).await.expect("test node starts");
+        TestNode {
+            addr: node.addr(),
+            node: Some(node),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{}", self.addr, query)
+    }
+
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect(&self.ws_url(&format!("user={user}"))).await
+    }
+
+    pub fn state(&self) -> &std::sync::Arc<roomcast::node::NodeState> {
+        self.node.as_ref().expect("node running").state()
+    }
+
+    pub async fn stats(&self) -> Value {
+        http_get(self.addr, "/stats").await.1.parse_json()
+    }
+
+    /// Polls `/stats` until `ready` holds; panics after [`WAIT`].
+    pub async fn wait_for_stats(&self, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.stats().await;
+            if ready(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stats never got there: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await;
+        }
+    }
+}
+
+trait ParseJson {
+    fn parse_json(&self) -> Value;
+}
+
+impl ParseJson for String {
+    fn parse_json(&self) -> Value {
+        serde_json::from_str(self).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
+    }
+}
+
+/// A node started as a child process of the built binary, killed on drop.
+pub struct NodeProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl NodeProcess {
+    /// Starts `roomcast` on a free port and waits for its listening line.
+    pub fn spawn(args: &[&str]) -> NodeProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["--bind", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("roomcast binary starts");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reads the listening line");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        NodeProcess { child, addr }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `limit`; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connects");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.expect("writes");
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("reads");
+    let response = String::from_utf8_lossy(&response).to_string();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn upgrade_request(url: &str, headers: &[(&str, &str)]) -> Request {
+    let mut request = url.into_client_request().expect("valid url");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes()).expect("valid header name"),
+            HeaderValue::from_str(value).expect("valid header value"),
+        );
+    }
+    request
+}
+
+/// The status of a refused WebSocket upgrade, with its body.
+pub async fn refused_upgrade(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    match tokio_tungstenite::connect_async(upgrade_request(url, headers)).await {
+        Ok(_) => panic!("upgrade to {url} was accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            (status, body)
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+/// A JSON WebSocket client.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+/// What a client saw when it stopped reading frames.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    Closed(u16),
+    Dropped,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        Self::connect_with(url, &[]).await
+    }
+
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Client {
+        let request = upgrade_request(url, headers);
+        // Unlimited on the client side: the server's limits are under test.
+        let config = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::connect_async_with_config(request, Some(config), false),
+        )
+        .await
+        .expect("connects in time")
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        client.welcome = client.recv().await;
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        client
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .expect("sends a frame");
+    }
+
+    /// The next text frame as JSON; panics on timeout or close.
+    pub async fn recv(&mut self) -> Value {
+        match self.try_recv(WAIT).await {
+            Ok(value) => value,
+            Err(ending) => panic!("connection ended ({ending:?}) while a frame was expected"),
+        }
+    }
+
+    /// The next text frame, or how the connection ended; panics on timeout.
+    pub async fn try_recv(&mut self, wait: Duration) -> Result<Value, Ending> {
+        loop {
+            let next = tokio::time::timeout(wait, self.ws.next())
+                .await
+                .expect("a frame arrives in time");
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    return Ok(serde_json::from_str(&text).expect("server sends JSON"))
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(Ending::Closed(
+                        frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+                    ))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(Ending::Dropped),
+            }
+        }
+    }
+
+    /// Nothing but presence events arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(next) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text).expect("server sends JSON");
+                    if frame["type"] != "join" && frame["type"] != "leave" {
+                        panic!("unexpected frame {text}");
+                    }
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => panic!("connection ended while it should stay open"),
+            }
+        }
+    }
+
+    /// The next frame that is not a presence `join`/`leave` event.
+    pub async fn recv_reply(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] != "join" && frame["type"] != "leave" {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads frames until one of type `kind` arrives, skipping presence events.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let frame = self.recv_reply().await;
+        assert_eq!(frame["type"], kind, "expected {kind}, got {frame}");
+        frame
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn expect_close(&mut self) -> Ending {
+        loop {
+            match self.try_recv(WAIT).await {
+                Ok(_) => continue,
+                Err(ending) => return ending,
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        self.expect("joined").await
+    }
+
+    /// Publishes with a ref and waits for the ack; returns the message id.
+    pub async fn publish(&mut self, room: &str, data: Value) -> String {
+        self.send(json!({"type": "publish", "room": room, "data": data, "ref": "p"}))
+            .await;
+        loop {
+            let frame = self.recv_reply().await;
+            if frame["type"] == "ack" {
+                return frame["id"].as_str().expect("ack has an id").to_string();
+            }
+            assert_eq!(frame["type"], "message", "unexpected {frame}");
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Reads `count` room messages (skipping everything else); returns their data.
+pub async fn collect_messages(client: &mut Client, count: usize) -> Vec<Value> {
+    let mut seen = Vec::with_capacity(count);
+    while seen.len() < count {
+        let frame = client.recv().await;
+        if frame["type"] == "message" {
+            seen.push(frame);
+        }
+    }
+    seen
+}
+
+/// Mints an HS256 token.
+pub fn token(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token encodes")
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
