@@ -17,8 +17,8 @@ use serde_json::value::RawValue;
 
 /// WebSocket close codes the server uses, with the reason text it sends.
 pub mod close {
-    /// A policy violation: a frame the server cannot accept at all (e.g. a forbidden origin).
-    pub const POLICY: u16 = 1008;
+    /// The peer broke the WebSocket protocol (e.g. invalid UTF-8 in a text frame).
+    pub const PROTOCOL: u16 = 1002;
     /// A frame larger than `MAX_MESSAGE_BYTES`.
     pub const TOO_BIG: u16 = 1009;
     /// The server failed; reconnecting is safe.

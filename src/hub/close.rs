@@ -40,7 +40,7 @@ impl CloseReason {
         CloseReason::server(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
     pub const INTERNAL: CloseReason = CloseReason::server(close::INTERNAL, "internal error");
     pub const PROTOCOL_ERROR: CloseReason =
-        CloseReason::server(close::POLICY, "WebSocket protocol error");
+        CloseReason::server(close::PROTOCOL, "WebSocket protocol error");
 
     /// The peer sent a close frame (with this code, 1005 when it had none).
     pub fn by_peer(code: u16) -> Self {
