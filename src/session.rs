@@ -550,6 +550,10 @@ fn reason_for_read_error(err: axum::Error) -> CloseReason {
     match err.into_inner().downcast::<tungstenite::Error>() {
         Ok(err) => match *err {
             tungstenite::Error::Capacity(_) => CloseReason::TOO_BIG,
+            // The peer vanished without a close frame: nothing to tell it.
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => CloseReason::GONE,
             tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
                 CloseReason::PROTOCOL_ERROR
             }

@@ -209,3 +209,22 @@ async fn joining_more_rooms_than_allowed_is_refused() {
     client.expect("left").await;
     client.join("c").await;
 }
+
+#[tokio::test]
+async fn a_client_that_vanishes_without_a_close_frame_is_cleaned_up_as_1006() {
+    let node = TestNode::start(&[]).await;
+    let mut watcher = node.connect("watcher").await;
+    watcher.join("r").await;
+    let mut ghost = node.connect("ghost").await;
+    ghost.join("r").await;
+    drop(ghost);
+    let leave = loop {
+        let frame = watcher.recv().await;
+        if frame["type"] == "leave" {
+            break frame;
+        }
+    };
+    assert_eq!(leave, json!({"type":"leave","room":"r","user":"ghost"}));
+    let stats = node.wait_for_stats(|s| s["closes"]["1006"] == 1).await;
+    assert_eq!(stats["connections"], 1, "{stats}");
+}
