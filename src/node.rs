@@ -204,7 +204,7 @@ impl Node {
             tokio::time::sleep_until(at).await;
             signal.close(CloseReason::DRAINING);
         }
-        let deadline = started + window + Duration::from_secs(2);
+        let deadline = started + window + crate::session::CLOSE_GRACE + Duration::from_secs(1);
         if tokio::time::timeout_at(deadline, state.sessions.wait_idle())
             .await
             .is_err()

@@ -17,8 +17,10 @@ use serde_json::value::RawValue;
 
 /// WebSocket close codes the server uses, with the reason text it sends.
 pub mod close {
-    /// The peer broke the WebSocket protocol (e.g. invalid UTF-8 in a text frame).
+    /// The peer broke the WebSocket protocol.
     pub const PROTOCOL: u16 = 1002;
+    /// A text frame that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame larger than `MAX_MESSAGE_BYTES`.
     pub const TOO_BIG: u16 = 1009;
     /// The server failed; reconnecting is safe.
@@ -175,7 +177,8 @@ struct WireFrame<'a> {
     #[serde(borrow)]
     since: Option<Cow<'a, str>>,
     last: Option<u64>,
-    #[serde(borrow)]
+    /// Present means `Some`, even for `null`.
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     key: Option<Cow<'a, str>>,
@@ -183,6 +186,61 @@ struct WireFrame<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Just the `ref` of a frame whose other fields do not parse, so the error
+/// can still echo it.
+#[derive(Deserialize)]
+struct RefOnly<'a> {
+    #[serde(rename = "ref", borrow)]
+    reference: Option<&'a RawValue>,
+}
+
+/// Deepest nesting of arrays and objects accepted in `data` and `ref`. Deeper
+/// values would break the recipients' JSON parsers (serde_json and others
+/// stop at 128).
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// The nesting depth of a JSON text, skipping brackets inside strings.
+fn json_depth(raw: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in raw.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+fn check_depth(field: &str, raw: &RawValue) -> Result<(), Rejection> {
+    if json_depth(raw.get()) > MAX_JSON_DEPTH {
+        return Err(Rejection::bad_request(format!(
+            "\"{field}\" is nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    Ok(())
 }
 
 /// Where a joining client's catch-up starts.
@@ -240,23 +298,31 @@ pub fn parse_client_frame(text: &str) -> Parsed<'_> {
     let wire: WireFrame<'_> = match serde_json::from_str(text) {
         Ok(wire) => wire,
         Err(err) => {
+            let reference = serde_json::from_str::<RefOnly<'_>>(text)
+                .ok()
+                .and_then(|r| r.reference)
+                .filter(|r| usable_ref(r));
             return Parsed {
-                reference: None,
+                reference,
                 request: Err(Rejection::bad_request(format!(
                     "frame is not a JSON object of protocol v1: {err}"
                 ))),
-            }
+            };
         }
     };
-    let reference = wire.reference.filter(|r| r.get().len() <= MAX_REF_BYTES);
+    let reference = wire.reference.filter(|r| usable_ref(r));
     let request = if wire.reference.is_some() && reference.is_none() {
         Err(Rejection::bad_request(format!(
-            "\"ref\" is longer than {MAX_REF_BYTES} bytes"
+            "\"ref\" must be at most {MAX_REF_BYTES} bytes and {MAX_JSON_DEPTH} levels deep"
         )))
     } else {
         into_request(wire)
     };
     Parsed { reference, request }
+}
+
+fn usable_ref(reference: &RawValue) -> bool {
+    reference.get().len() <= MAX_REF_BYTES && json_depth(reference.get()) <= MAX_JSON_DEPTH
 }
 
 fn into_request<'a>(wire: WireFrame<'a>) -> Result<Request<'a>, Rejection> {
@@ -294,6 +360,7 @@ fn into_request<'a>(wire: WireFrame<'a>) -> Result<Request<'a>, Rejection> {
         "publish" => {
             let room = room(wire.room)?;
             let data = wire.data.ok_or_else(|| missing("data"))?;
+            check_depth("data", data)?;
             if let Some(key) = &wire.key {
                 if key.is_empty() || key.len() > MAX_KEY_BYTES {
                     return Err(Rejection::bad_request(format!(
@@ -310,14 +377,15 @@ fn into_request<'a>(wire: WireFrame<'a>) -> Result<Request<'a>, Rejection> {
         "direct" => {
             let to = wire.to.ok_or_else(|| missing("to"))?;
             validate_user(&to)?;
-            Ok(Request::Direct {
-                to,
-                data: wire.data.ok_or_else(|| missing("data"))?,
-            })
+            let data = wire.data.ok_or_else(|| missing("data"))?;
+            check_depth("data", data)?;
+            Ok(Request::Direct { to, data })
         }
-        "broadcast" => Ok(Request::Broadcast {
-            data: wire.data.ok_or_else(|| missing("data"))?,
-        }),
+        "broadcast" => {
+            let data = wire.data.ok_or_else(|| missing("data"))?;
+            check_depth("data", data)?;
+            Ok(Request::Broadcast { data })
+        }
         "presence" => Ok(Request::Presence {
             room: room(wire.room)?,
         }),
@@ -406,6 +474,11 @@ pub enum ServerFrame<'a> {
     Presence {
         room: &'a str,
         users: &'a [String],
+        /// More users than a reply lists; `count` has the total.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<usize>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
@@ -571,6 +644,39 @@ mod tests {
         .is_err());
         assert!(request(r#"{"type":"direct","to":"","data":1}"#).is_err());
         assert!(request(r#"{"type":"publish","room":"r","data":1,"key":""}"#).is_err());
+    }
+
+    #[test]
+    fn null_data_is_data_and_a_type_error_still_echoes_the_ref() {
+        match request(r#"{"type":"publish","room":"r","data":null}"#).unwrap() {
+            Request::Publish { data, .. } => assert_eq!(data.get(), "null"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let parsed = parse_client_frame(r#"{"type":"join","room":"r","last":-1,"ref":"x"}"#);
+        assert_eq!(parsed.reference.unwrap().get(), "\"x\"");
+        assert!(parsed.request.is_err());
+    }
+
+    #[test]
+    fn data_nested_too_deep_is_refused_but_brackets_in_strings_do_not_count() {
+        let deep = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH + 1),
+            "]".repeat(MAX_JSON_DEPTH + 1)
+        );
+        let frame = format!(r#"{{"type":"publish","room":"r","data":{deep}}}"#);
+        let err = request(&frame).unwrap_err();
+        assert!(err.message.contains("nested"), "{}", err.message);
+        let ok = format!(
+            r#"{{"type":"broadcast","data":["{}\"[[["]}}"#,
+            "[".repeat(200)
+        );
+        assert!(request(&ok).is_ok());
+        assert_eq!(json_depth(r#"{"a":[1,{"b":[]}]}"#), 4);
+        let deep_ref = format!(r#"{{"type":"ping","ref":{deep}}}"#);
+        let parsed = parse_client_frame(&deep_ref);
+        assert!(parsed.reference.is_none());
+        assert!(parsed.request.is_err());
     }
 
     #[test]

@@ -24,8 +24,8 @@ use crate::config::Config;
 use crate::hub::{CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound};
 use crate::node::NodeState;
 use crate::protocol::{
-    encode_error, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate, Rejection,
-    Request, RoomFrame, ServerFrame,
+    encode_error, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate, Parsed,
+    Rejection, Request, RoomFrame, ServerFrame,
 };
 use crate::stats::Stats;
 
@@ -37,8 +37,12 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Frames written per flush at most.
 const MAX_BATCH: usize = 64;
 /// How long a closing socket waits for its close frame to go out and for
-/// the peer's reply.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// the peer's reply. A slow consumer's close frame waits behind everything
+/// already in its socket buffers, so this is seconds, not milliseconds.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// Most users listed in a `presence` reply; beyond it the reply says
+/// `"truncated":true` and gives the `count`.
+const PRESENCE_LIMIT: usize = 1000;
 /// How long before `exp` a session is told its token is expiring.
 const EXPIRING_NOTICE: Duration = Duration::from_secs(30);
 
@@ -108,16 +112,17 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, pe
     );
     tracing::info!(conn = %conn_name, %user, %peer, "connected");
 
+    // Queued before the hub can deliver anything: `welcome` is always first.
+    let welcome = ServerFrame::Welcome {
+        conn: &conn_name,
+        user: &user,
+        node: &node.node_id,
+        heartbeat_ms: node.config.heartbeat_interval.as_millis() as u64,
+    }
+    .encode();
+    mailbox.offer(Outbound::Frame(welcome.into()), &node.stats);
     let reason = match node.hub.connect(conn, user.clone(), mailbox.clone()).await {
         Ok(()) => {
-            let welcome = ServerFrame::Welcome {
-                conn: &conn_name,
-                user: &user,
-                node: &node.node_id,
-                heartbeat_ms: node.config.heartbeat_interval.as_millis() as u64,
-            }
-            .encode();
-            mailbox.offer(Outbound::Frame(welcome.into()), &node.stats);
             if node.is_draining() {
                 mailbox.close.close(CloseReason::DRAINING);
             }
@@ -217,9 +222,20 @@ impl Reader {
     /// Handles one frame; returns a reason when the connection must close.
     async fn on_message(&mut self, message: Message) -> Option<CloseReason> {
         match message {
-            Message::Text(text) => self.on_text(text).await,
+            Message::Text(text) => {
+                self.node.stats.received(text.len());
+                let parsed = parse_client_frame(&text);
+                if let Err(close) = self.within_rate(parsed.reference) {
+                    return close;
+                }
+                self.on_frame(parsed).await;
+                None
+            }
             Message::Binary(data) => {
                 self.node.stats.received(data.len());
+                if let Err(close) = self.within_rate(None) {
+                    return close;
+                }
                 self.reject(
                     Rejection::bad_request(
                         "binary frames are not supported: send JSON text frames",
@@ -235,25 +251,26 @@ impl Reader {
         }
     }
 
-    async fn on_text(&mut self, text: Utf8Bytes) -> Option<CloseReason> {
-        self.node.stats.received(text.len());
-        let parsed = parse_client_frame(&text);
-        if !self.bucket.try_take(Instant::now()) {
-            self.refused_in_row += 1;
-            if self.refused_in_row >= self.node.config.rate_burst {
-                return Some(CloseReason::RATE_LIMITED);
-            }
-            let message = format!(
-                "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
-                self.node.config.rate_limit, self.node.config.rate_burst
-            );
-            self.reject(
-                Rejection::new(ErrorCode::RateLimited, message),
-                parsed.reference,
-            );
-            return None;
+    /// Takes a token for one frame. `Err(None)`: over the limit, the frame is
+    /// refused with an error; `Err(Some(close))`: refused too often in a row.
+    fn within_rate(&mut self, reference: Option<&RawValue>) -> Result<(), Option<CloseReason>> {
+        if self.bucket.try_take(Instant::now()) {
+            self.refused_in_row = 0;
+            return Ok(());
         }
-        self.refused_in_row = 0;
+        self.refused_in_row += 1;
+        if self.refused_in_row >= self.node.config.rate_burst {
+            return Err(Some(CloseReason::RATE_LIMITED));
+        }
+        let message = format!(
+            "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
+            self.node.config.rate_limit, self.node.config.rate_burst
+        );
+        self.reject(Rejection::new(ErrorCode::RateLimited, message), reference);
+        Err(None)
+    }
+
+    async fn on_frame(&mut self, parsed: Parsed<'_>) {
         let outcome = match parsed.request {
             Ok(request) => self.serve(request, parsed.reference).await,
             Err(rejection) => Err(rejection),
@@ -261,7 +278,6 @@ impl Reader {
         if let Err(rejection) = outcome {
             self.reject(rejection, parsed.reference);
         }
-        None
     }
 
     fn offer(&self, item: Outbound) -> bool {
@@ -369,9 +385,13 @@ impl Reader {
                     return Err(forbidden(format!("not allowed in room \"{room}\"")));
                 }
                 let users = node.broker.presence(&room).await.map_err(unavailable)?;
+                let count = users.len();
+                let truncated = count > PRESENCE_LIMIT;
                 self.reply(ServerFrame::Presence {
                     room: &room,
-                    users: &users,
+                    users: &users[..count.min(PRESENCE_LIMIT)],
+                    truncated,
+                    count: truncated.then_some(count),
                     reference,
                 });
                 Ok(())
@@ -417,6 +437,7 @@ impl Reader {
             other => other,
         };
         let node = self.node.clone();
+        let rejoin = self.rooms.contains(&room);
         if !self.offer(Outbound::JoinStarted(room.clone())) {
             return Ok(());
         }
@@ -443,7 +464,8 @@ impl Reader {
                 })));
             }
             Err(err) => {
-                if self.rooms.remove(&room) {
+                // A failed re-join keeps the membership it had.
+                if !rejoin && self.rooms.remove(&room) {
                     node.hub.leave(self.conn, &room).await;
                 }
                 let error = self.error_text(&unavailable(err), reference);
@@ -554,9 +576,8 @@ fn reason_for_read_error(err: axum::Error) -> CloseReason {
             tungstenite::Error::Protocol(
                 tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
             ) => CloseReason::GONE,
-            tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_) => {
-                CloseReason::PROTOCOL_ERROR
-            }
+            tungstenite::Error::Utf8(_) => CloseReason::INVALID_PAYLOAD,
+            tungstenite::Error::Protocol(_) => CloseReason::PROTOCOL_ERROR,
             _ => CloseReason::GONE,
         },
         Err(_) => CloseReason::GONE,
@@ -648,13 +669,8 @@ impl Cursors {
                 None => out.push(frame.text.clone()),
             },
             Outbound::JoinStarted(room) => {
-                self.rooms.insert(
-                    room,
-                    RoomCursor {
-                        last: None,
-                        held: Some(Vec::new()),
-                    },
-                );
+                // A re-join keeps `last`: what was written stays written once.
+                self.rooms.entry(room).or_default().held = Some(Vec::new());
             }
             Outbound::JoinCompleted(completion) => {
                 let JoinCompletion {
@@ -749,7 +765,12 @@ impl Writer {
                     };
                     match written {
                         Ok(()) => self.stats.sent(frames, bytes),
-                        Err(_) => {
+                        Err(err) => {
+                            if let Ok(err) = err.into_inner().downcast::<tungstenite::Error>() {
+                                if matches!(*err, tungstenite::Error::WriteBufferFull(_)) {
+                                    tracing::warn!("an outbound frame exceeded the write buffer bound");
+                                }
+                            }
                             close.close(CloseReason::GONE);
                         }
                     }
@@ -854,6 +875,31 @@ mod tests {
         );
         assert_eq!(out, vec!["b1", "joined a", "left a", "error", "a9"]);
         assert!(cursors.rooms.is_empty());
+    }
+
+    #[test]
+    fn a_rejoin_with_since_does_not_repeat_what_was_already_written() {
+        let mut cursors = Cursors::new(100);
+        let completion = |replay| {
+            Outbound::JoinCompleted(Box::new(JoinCompletion {
+                room: "r".into(),
+                replay,
+                joined: "joined".into(),
+            }))
+        };
+        let out = run(
+            &mut cursors,
+            vec![
+                Outbound::JoinStarted("r".into()),
+                completion(vec![]),
+                Outbound::Room(frame("r", Some(5), "m5")),
+                Outbound::Room(frame("r", Some(6), "m6")),
+                Outbound::JoinStarted("r".into()),
+                completion(vec![frame("r", Some(5), "m5"), frame("r", Some(6), "m6")]),
+                Outbound::Room(frame("r", Some(7), "m7")),
+            ],
+        );
+        assert_eq!(out, vec!["joined", "m5", "m6", "joined", "m7"]);
     }
 
     #[test]

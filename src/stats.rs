@@ -26,7 +26,7 @@ pub struct Stats {
     bytes_out: AtomicU64,
     slow_consumer_closes: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
-    closes: Mutex<BTreeMap<u16, u64>>,
+    closes: Mutex<BTreeMap<&'static str, u64>>,
     upgrades_refused: Mutex<BTreeMap<&'static str, u64>>,
     recorder: PrometheusRecorder,
     fanout_seconds: Histogram,
@@ -43,7 +43,8 @@ pub struct Counters {
     pub bytes_out: u64,
     pub slow_consumer_closes: u64,
     pub errors: BTreeMap<&'static str, u64>,
-    pub closes: BTreeMap<u16, u64>,
+    /// By close code; codes a peer made up are counted as `other`.
+    pub closes: BTreeMap<&'static str, u64>,
     pub upgrades_refused: BTreeMap<&'static str, u64>,
 }
 
@@ -142,7 +143,7 @@ impl Stats {
     }
 
     pub fn connection_closed(&self, code: u16) {
-        *lock(&self.closes).entry(code).or_insert(0) += 1;
+        *lock(&self.closes).entry(close_label(code)).or_insert(0) += 1;
     }
 
     pub fn upgrade_refused(&self, reason: &'static str) {
@@ -270,6 +271,33 @@ impl Stats {
     }
 }
 
+/// A bounded label for a close code: peers choose theirs, and every distinct
+/// label is a Prometheus series.
+fn close_label(code: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 15] = [
+        (1000, "1000"),
+        (1001, "1001"),
+        (1002, "1002"),
+        (1003, "1003"),
+        (1005, "1005"),
+        (1006, "1006"),
+        (1007, "1007"),
+        (1008, "1008"),
+        (1009, "1009"),
+        (1010, "1010"),
+        (1011, "1011"),
+        (1012, "1012"),
+        (4001, "4001"),
+        (4008, "4008"),
+        (4029, "4029"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(known, _)| *known == code)
+        .map(|(_, label)| *label)
+        .unwrap_or("other")
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -284,6 +312,7 @@ mod tests {
         stats.received(100);
         stats.error_sent(ErrorCode::BadRequest);
         stats.connection_closed(4008);
+        stats.connection_closed(4321);
         stats.record_fanout(Duration::from_micros(20));
         let text = stats.render_prometheus(&[("roomcast_connections", "Open connections", 3.0)]);
         assert!(text.contains("roomcast_connections 3"), "{text}");
@@ -294,6 +323,10 @@ mod tests {
         );
         assert!(
             text.contains("roomcast_closes_total{code=\"4008\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("roomcast_closes_total{code=\"other\"} 1"),
             "{text}"
         );
         assert!(

@@ -65,6 +65,19 @@ impl MemoryBroker {
         lock(&self.subscriptions).contains_key(channel)
     }
 
+    /// Delivers a frame without id to the room's members, if any are here.
+    fn deliver_to_room(&self, room: &Arc<str>, text: Utf8Bytes) -> usize {
+        if !self.subscribed(&Channel::Room(room.clone())) {
+            return 0;
+        }
+        self.deliver(Delivery::Room(Arc::new(RoomFrame {
+            room: room.clone(),
+            id: None,
+            text,
+        })));
+        1
+    }
+
     fn deliver(&self, delivery: Delivery) {
         // The receiver is gone only while the node shuts down.
         let _ = self.deliveries.send(delivery);
@@ -112,22 +125,20 @@ impl Broker for MemoryBroker {
         channel: &'a Channel,
         text: Utf8Bytes,
     ) -> BoxFuture<'a, Result<usize, BrokerError>> {
-        let receivers = if self.subscribed(channel) {
-            self.deliver(match channel {
-                Channel::Room(room) => Delivery::Room(Arc::new(RoomFrame {
-                    room: room.clone(),
-                    id: None,
-                    text,
-                })),
-                Channel::User(user) => Delivery::User {
+        let receivers = match channel {
+            Channel::Room(room) => self.deliver_to_room(room, text),
+            _ if !self.subscribed(channel) => 0,
+            Channel::User(user) => {
+                self.deliver(Delivery::User {
                     user: user.clone(),
                     text,
-                },
-                Channel::Broadcast => Delivery::Broadcast(text),
-            });
-            1
-        } else {
-            0
+                });
+                1
+            }
+            Channel::Broadcast => {
+                self.deliver(Delivery::Broadcast(text));
+                1
+            }
         };
         future::ready(Ok(receivers)).boxed()
     }
@@ -160,18 +171,29 @@ impl Broker for MemoryBroker {
         &'a self,
         room: &'a str,
         user: &'a str,
+        event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
         let mut presence = lock(&self.presence);
-        let users = presence.entry(Arc::from(room)).or_default();
+        let room = match presence.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
+        };
+        let users = presence.entry(room.clone()).or_default();
         let count = users.entry(Arc::from(user)).or_insert(0);
         *count += 1;
-        future::ready(Ok(*count == 1)).boxed()
+        let arrived = *count == 1;
+        if arrived {
+            // Still under the presence lock: events stay in order.
+            self.deliver_to_room(&room, event);
+        }
+        future::ready(Ok(arrived)).boxed()
     }
 
     fn presence_remove<'a>(
         &'a self,
         room: &'a str,
         user: &'a str,
+        event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
         let mut presence = lock(&self.presence);
         let mut gone = false;
@@ -186,6 +208,10 @@ impl Broker for MemoryBroker {
             if users.is_empty() {
                 presence.remove(room);
             }
+        }
+        if gone {
+            // Still under the presence lock: events stay in order.
+            self.deliver_to_room(&Arc::from(room), event);
         }
         future::ready(Ok(gone)).boxed()
     }
@@ -244,12 +270,35 @@ mod tests {
     #[tokio::test]
     async fn presence_counts_connections_per_user() {
         let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60));
-        assert!(broker.presence_add("r", "bob").await.unwrap());
-        assert!(!broker.presence_add("r", "bob").await.unwrap());
-        assert!(broker.presence_add("r", "amy").await.unwrap());
+        let (broker, mut incoming) = (broker, _incoming);
+        broker.subscribe(Channel::Room("r".into())).await.unwrap();
+        let event = |t: &str| Utf8Bytes::from(t.to_string());
+        assert!(broker
+            .presence_add("r", "bob", event("+bob"))
+            .await
+            .unwrap());
+        assert!(!broker
+            .presence_add("r", "bob", event("+bob again"))
+            .await
+            .unwrap());
+        assert!(broker
+            .presence_add("r", "amy", event("+amy"))
+            .await
+            .unwrap());
         assert_eq!(broker.presence("r").await.unwrap(), vec!["amy", "bob"]);
-        assert!(!broker.presence_remove("r", "bob").await.unwrap());
-        assert!(broker.presence_remove("r", "bob").await.unwrap());
+        assert!(!broker
+            .presence_remove("r", "bob", event("-bob early"))
+            .await
+            .unwrap());
+        assert!(broker
+            .presence_remove("r", "bob", event("-bob"))
+            .await
+            .unwrap());
         assert_eq!(broker.presence("r").await.unwrap(), vec!["amy"]);
+        let mut events = Vec::new();
+        while let Ok(Delivery::Room(frame)) = incoming.try_recv() {
+            events.push(frame.text.to_string());
+        }
+        assert_eq!(events, vec!["+bob", "+amy", "-bob"]);
     }
 }

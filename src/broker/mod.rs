@@ -107,20 +107,25 @@ pub trait Broker: Send + Sync {
         catch_up: CatchUp,
     ) -> BoxFuture<'a, Result<Replay, BrokerError>>;
 
-    /// Counts one more connection of `user` in `room`; true when the user
-    /// was not present before (a presence `join` event is due).
+    /// Counts one more connection of `user` in `room`. When the user was
+    /// not present before, publishes `event` (the presence `join` frame) to
+    /// the room's channel in the same step, so a room's presence events
+    /// never overtake each other; returns whether it did.
     fn presence_add<'a>(
         &'a self,
         room: &'a str,
         user: &'a str,
+        event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
-    /// Counts one connection of `user` less in `room`; true when it was the
-    /// user's last (a presence `leave` event is due).
+    /// Counts one connection of `user` less in `room`; when it was the
+    /// user's last, publishes `event` (the presence `leave` frame) in the
+    /// same step and returns true.
     fn presence_remove<'a>(
         &'a self,
         room: &'a str,
         user: &'a str,
+        event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
     /// The users present in `room`, sorted.

@@ -39,6 +39,8 @@ impl CloseReason {
     pub const HEARTBEAT_TIMEOUT: CloseReason =
         CloseReason::server(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
     pub const INTERNAL: CloseReason = CloseReason::server(close::INTERNAL, "internal error");
+    pub const INVALID_PAYLOAD: CloseReason =
+        CloseReason::server(close::INVALID_PAYLOAD, "text frame is not valid UTF-8");
     pub const PROTOCOL_ERROR: CloseReason =
         CloseReason::server(close::PROTOCOL, "WebSocket protocol error");
 

@@ -200,15 +200,9 @@ impl Hub {
             let _ = self.broker.unsubscribe(Channel::Room(room.clone())).await;
             return Ok(false);
         }
-        match self.broker.presence_add(room, &user).await {
-            Ok(true) => {
-                self.announce(room, ServerFrame::Join { room, user: &user })
-                    .await
-            }
-            Ok(false) => {}
-            Err(err) => {
-                tracing::warn!(%room, %user, error = %err, "presence update failed");
-            }
+        let event = ServerFrame::Join { room, user: &user }.encode();
+        if let Err(err) = self.broker.presence_add(room, &user, event.into()).await {
+            tracing::warn!(%room, %user, error = %err, "presence update failed");
         }
         Ok(true)
     }
@@ -239,28 +233,12 @@ impl Hub {
                 }
             }
         }
+        let event = ServerFrame::Leave { room: &room, user }.encode();
+        if let Err(err) = self.broker.presence_remove(&room, user, event.into()).await {
+            tracing::warn!(%room, %user, error = %err, "presence update failed");
+        }
         if let Err(err) = self.broker.unsubscribe(Channel::Room(room.clone())).await {
             tracing::warn!(%room, error = %err, "unsubscribing a room channel failed");
-        }
-        match self.broker.presence_remove(&room, user).await {
-            Ok(true) => {
-                self.announce(&room, ServerFrame::Leave { room: &room, user })
-                    .await
-            }
-            Ok(false) => {}
-            Err(err) => tracing::warn!(%room, %user, error = %err, "presence update failed"),
-        }
-    }
-
-    /// Publishes a presence event to the room's members on every node.
-    async fn announce(&self, room: &Arc<str>, event: ServerFrame<'_>) {
-        let text = Utf8Bytes::from(event.encode());
-        if let Err(err) = self
-            .broker
-            .publish(&Channel::Room(room.clone()), text)
-            .await
-        {
-            tracing::warn!(%room, error = %err, "publishing a presence event failed");
         }
     }
 

@@ -22,9 +22,14 @@ async fn sigterm_closes_every_client_with_1012_and_the_process_exits() {
 
 #[tokio::test]
 async fn a_draining_node_is_not_ready_and_refuses_new_upgrades_with_503() {
-    let node = TestNode::start(&["--drain-timeout", "2s"]).await;
+    let node = TestNode::start(&["--drain-timeout", "3s"]).await;
     let addr = node.addr;
-    let mut client = node.connect("stays").await;
+    // Closes are spread over the drain window, so some clients stay open
+    // while the checks below run.
+    let mut clients = Vec::new();
+    for n in 0..20 {
+        clients.push(node.connect(&format!("stays-{n}")).await);
+    }
     let draining = tokio::spawn(node.shutdown());
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (status, body) = http_get(addr, "/readyz").await;
@@ -32,7 +37,9 @@ async fn a_draining_node_is_not_ready_and_refuses_new_upgrades_with_503() {
     assert!(body.contains("\"draining\":true"), "{body}");
     let (status, _) = refused_upgrade(&format!("ws://{addr}/ws?user=late"), &[]).await;
     assert_eq!(status, 503);
-    assert_eq!(client.expect_close().await, Ending::Closed(1012));
+    for client in &mut clients {
+        assert_eq!(client.expect_close().await, Ending::Closed(1012));
+    }
     draining.await.unwrap();
 }
 

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::support::{collect_messages, TestNode};
+use crate::support::{collect_messages, Client, TestNode};
 
 #[tokio::test]
 async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order() {
@@ -111,33 +111,51 @@ async fn a_new_joiner_with_last_gets_the_latest_messages_first() {
     assert_eq!(greedy.expect("joined").await["replayed"], 10);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order() {
+    const PUMPED: i64 = 1000;
     let node = TestNode::start(&["--rate-limit", "100000", "--rate-burst", "100000"]).await;
     let mut writer = node.connect("writer").await;
     let start = writer.publish("busy", json!(-1)).await;
-    // A second writer keeps publishing while the reader resumes.
-    let addr = node.ws_url("user=pump");
-    let pump = tokio::spawn(async move {
-        let mut pump = crate::support::Client::connect(&addr).await;
-        for n in 0..200 {
+    // A second client keeps publishing while the reader resumes.
+    let url = node.ws_url("user=pump");
+    let mut pump = Client::connect(&url).await;
+    pump.join("busy").await;
+    let pumping = tokio::spawn(async move {
+        for n in 0..PUMPED {
             pump.send(json!({"type":"publish","room":"busy","data":n}))
                 .await;
-            if n % 20 == 0 {
-                tokio::task::yield_now().await;
-            }
         }
-        pump
+        // Its own copies show when the node has stored all of them.
+        collect_messages(&mut pump, PUMPED as usize).await;
     });
+    // Join once the pump is under way.
+    loop {
+        let stats = node.stats().await;
+        if stats["messages_in"].as_u64().unwrap() > 100 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
     let mut reader = node.connect("reader").await;
     reader
         .send(json!({"type":"join","room":"busy","since":start}))
         .await;
-    let messages = collect_messages(&mut reader, 200).await;
-    let data: Vec<_> = messages
-        .iter()
-        .map(|m| m["data"].as_i64().unwrap())
-        .collect();
-    assert_eq!(data, (0..200).collect::<Vec<_>>());
-    let _pump = pump.await.unwrap();
+    let mut data = Vec::new();
+    let mut replayed = None;
+    while data.len() < PUMPED as usize {
+        let frame = reader.recv().await;
+        match frame["type"].as_str() {
+            Some("message") => data.push(frame["data"].as_i64().unwrap()),
+            Some("joined") => replayed = frame["replayed"].as_u64(),
+            _ => {}
+        }
+    }
+    assert_eq!(data, (0..PUMPED).collect::<Vec<_>>());
+    let replayed = replayed.expect("joined arrived");
+    assert!(
+        0 < replayed && replayed < PUMPED as u64,
+        "the join landed mid-stream: {replayed} replayed"
+    );
+    pumping.await.unwrap();
 }
