@@ -457,8 +457,13 @@ impl Reader {
                     reference,
                 }
                 .encode();
+                let since = match catch_up {
+                    CatchUp::Since(since) => Some(since),
+                    _ => None,
+                };
                 self.offer(Outbound::JoinCompleted(Box::new(JoinCompletion {
                     room,
+                    since,
                     replay: replay.messages,
                     joined: joined.into(),
                 })));
@@ -675,10 +680,14 @@ impl Cursors {
             Outbound::JoinCompleted(completion) => {
                 let JoinCompletion {
                     room,
+                    since,
                     replay,
                     joined,
                 } = *completion;
                 let cursor = self.rooms.entry(room).or_default();
+                // Live frames the client already has (up to `since`) are not
+                // repeated, even if this node delivers them late.
+                cursor.last = cursor.last.max(since);
                 let held = cursor.held.take().unwrap_or_default();
                 for frame in &replay {
                     cursor.pass(frame, out);
@@ -835,6 +844,7 @@ mod tests {
                 Outbound::Frame("direct".into()),
                 Outbound::JoinCompleted(Box::new(JoinCompletion {
                     room: "r".into(),
+                    since: None,
                     replay: vec![frame("r", Some(2), "m2"), frame("r", Some(3), "m3")],
                     joined: "joined".into(),
                 })),
@@ -858,6 +868,7 @@ mod tests {
                 Outbound::Room(frame("b", Some(1), "b1")),
                 Outbound::JoinCompleted(Box::new(JoinCompletion {
                     room: "a".into(),
+                    since: None,
                     replay: vec![],
                     joined: "joined a".into(),
                 })),
@@ -883,6 +894,7 @@ mod tests {
         let completion = |replay| {
             Outbound::JoinCompleted(Box::new(JoinCompletion {
                 room: "r".into(),
+                since: None,
                 replay,
                 joined: "joined".into(),
             }))

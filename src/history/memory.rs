@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::log::RoomLog;
 use super::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
 
@@ -23,16 +24,13 @@ pub struct MemoryHistory {
 }
 
 struct Inner {
-    rooms: HashMap<Arc<str>, RoomLog>,
+    rooms: HashMap<Arc<str>, RoomHistory>,
     last_issued: MessageId,
 }
 
-struct RoomLog {
-    messages: VecDeque<Arc<RoomFrame>>,
-    /// A `since` at or above this id is covered: every later message is
-    /// still in `messages`. It is the last trimmed id, or the id just below
-    /// the first this log held (earlier ids are unknown to it).
-    complete_after: MessageId,
+struct RoomHistory {
+    /// Starts complete just below its first id: earlier ids are unknown to it.
+    log: RoomLog,
     last_activity: Instant,
     keys: HashMap<Box<str>, MessageId>,
     key_order: VecDeque<(Box<str>, Instant)>,
@@ -91,27 +89,24 @@ impl MemoryHistory {
             Some((name, _)) => name.clone(),
             None => Arc::from(room),
         };
-        let log = inner.rooms.entry(room.clone()).or_insert_with(|| RoomLog {
-            messages: VecDeque::new(),
-            complete_after: predecessor(id),
-            last_activity: now,
-            keys: HashMap::new(),
-            key_order: VecDeque::new(),
-        });
+        let history = inner
+            .rooms
+            .entry(room.clone())
+            .or_insert_with(|| RoomHistory {
+                log: RoomLog::new(Some(predecessor(id))),
+                last_activity: now,
+                keys: HashMap::new(),
+                key_order: VecDeque::new(),
+            });
         let frame = Arc::new(RoomFrame {
             room,
             id: Some(id),
             text: template.with_id(id).into(),
         });
-        if log.messages.len() == self.capacity {
-            if let Some(trimmed) = log.messages.pop_front() {
-                log.complete_after = trimmed.id.unwrap_or(log.complete_after);
-            }
-        }
-        log.messages.push_back(frame.clone());
-        log.last_activity = now;
+        history.log.push(frame.clone(), self.capacity);
+        history.last_activity = now;
         if let Some(key) = key {
-            log.remember_key(key, id, now, self.capacity * KEYS_PER_HISTORY_SLOT);
+            history.remember_key(key, id, now, self.capacity * KEYS_PER_HISTORY_SLOT);
         }
         publish(frame);
         Stored {
@@ -123,37 +118,14 @@ impl MemoryHistory {
     /// The messages a joining client needs first.
     pub fn read(&self, room: &str, catch_up: CatchUp) -> Replay {
         let inner = self.lock();
-        let log = inner.rooms.get(room);
-        match catch_up {
-            CatchUp::None => Replay {
-                messages: Vec::new(),
-                recovered: true,
-            },
-            CatchUp::Last(n) => Replay {
-                messages: log
-                    .map(|log| {
-                        let skip = log.messages.len().saturating_sub(n);
-                        log.messages.iter().skip(skip).cloned().collect()
-                    })
-                    .unwrap_or_default(),
-                recovered: true,
-            },
+        match inner.rooms.get(room) {
+            // Every log here knows where it starts, so it always answers.
+            Some(history) => history.log.read(catch_up).unwrap_or_default(),
             // A room without history cannot prove that nothing after `since`
             // existed (it may have expired, or the node restarted).
-            CatchUp::Since(since) => match log {
-                None => Replay {
-                    messages: Vec::new(),
-                    recovered: false,
-                },
-                Some(log) => {
-                    let start = log
-                        .messages
-                        .partition_point(|m| m.id.is_some_and(|id| id <= since));
-                    Replay {
-                        messages: log.messages.range(start..).cloned().collect(),
-                        recovered: since >= log.complete_after,
-                    }
-                }
+            None => Replay {
+                messages: Vec::new(),
+                recovered: !matches!(catch_up, CatchUp::Since(_)),
             },
         }
     }
@@ -173,12 +145,12 @@ impl MemoryHistory {
     /// (rooms with history, messages held)
     pub fn size(&self) -> (usize, usize) {
         let inner = self.lock();
-        let messages = inner.rooms.values().map(|log| log.messages.len()).sum();
+        let messages = inner.rooms.values().map(|h| h.log.len()).sum();
         (inner.rooms.len(), messages)
     }
 }
 
-impl RoomLog {
+impl RoomHistory {
     fn remember_key(&mut self, key: &str, id: MessageId, now: Instant, max_keys: usize) {
         self.keys.insert(key.into(), id);
         self.key_order.push_back((key.into(), now));

@@ -2,6 +2,7 @@
 //! resume from its last id and a new joiner read the backlog. The embedded
 //! mode keeps a ring buffer per room in memory ([`memory`]).
 
+pub mod log;
 pub mod memory;
 
 use std::sync::Arc;

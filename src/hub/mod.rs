@@ -18,7 +18,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::broker::{Broker, BrokerError, Channel, Delivery};
-use crate::protocol::{RoomFrame, ServerFrame};
+use crate::protocol::{MessageId, RoomFrame, ServerFrame};
 use crate::stats::Stats;
 
 /// A connection's number on this node.
@@ -45,6 +45,8 @@ pub enum Outbound {
 #[derive(Debug)]
 pub struct JoinCompletion {
     pub room: Arc<str>,
+    /// The client's `since`: it has everything up to here already.
+    pub since: Option<MessageId>,
     pub replay: Vec<Arc<RoomFrame>>,
     pub joined: Utf8Bytes,
 }
@@ -299,7 +301,6 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::protocol::MessageId;
     use std::time::Duration;
 
     fn hub() -> (Arc<Hub>, Arc<MemoryBroker>, Arc<Stats>) {
