@@ -30,6 +30,19 @@ pub struct Config {
     #[arg(long, env = "NODE_ID")]
     pub node_id: Option<String>,
 
+    /// Redis URL (e.g. redis://127.0.0.1:6379): makes this node one of many sharing
+    /// that Redis. Unset: one node with an in-process broker and in-memory history.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel, so deployments can share a Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "roomcast")]
+    pub redis_prefix: String,
+
+    /// With Redis: a node silent for this long (crashed) drops out of presence.
+    #[arg(long, env = "NODE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub node_ttl: Duration,
+
     /// HS256 secret: when set, every connection needs a JWT whose `sub` is the user.
     /// Unset: dev mode (no auth, every permission granted).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
@@ -139,6 +152,7 @@ impl Config {
             10,
         )?;
         at_least("HISTORY_TTL (ms)", self.history_ttl.as_millis() as u64, 1)?;
+        at_least("NODE_TTL (ms)", self.node_ttl.as_millis() as u64, 300)?;
         if !(self.rate_limit.is_finite() && self.rate_limit > 0.0) {
             return Err(ConfigError::BadRateLimit);
         }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::auth::Authenticator;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, BrokerError, BrokerState, Channel};
+use crate::broker::redis::{RedisBroker, RedisSettings};
+use crate::broker::{Broker, BrokerError, BrokerState, Delivery};
 use crate::config::{Config, ConfigError};
 use crate::hub::{CloseReason, Hub};
 use crate::stats::Stats;
@@ -116,8 +117,27 @@ impl Node {
             .local_addr()
             .map_err(|e| NodeError::Bind(config.bind, e))?;
         let stats = Arc::new(Stats::new());
-        let (memory, mut incoming) = MemoryBroker::start(config.history_size, config.history_ttl);
-        let broker: Arc<dyn Broker> = memory;
+        let node_id: Arc<str> = config.node_name().into();
+        let (broker, mut incoming): (Arc<dyn Broker>, mpsc::UnboundedReceiver<Delivery>) =
+            match &config.redis_url {
+                Some(url) => {
+                    let (redis, incoming) = RedisBroker::start(RedisSettings {
+                        url: url.clone(),
+                        prefix: config.redis_prefix.clone(),
+                        node_id: node_id.to_string(),
+                        history_size: config.history_size,
+                        history_ttl: config.history_ttl,
+                        node_ttl: config.node_ttl,
+                    })
+                    .await?;
+                    (redis, incoming)
+                }
+                None => {
+                    let (memory, incoming) =
+                        MemoryBroker::start(config.history_size, config.history_ttl);
+                    (memory, incoming)
+                }
+            };
         let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
         let listener_task = tokio::spawn({
             let hub = hub.clone();
@@ -127,7 +147,6 @@ impl Node {
                 }
             }
         });
-        broker.subscribe(Channel::Broadcast).await?;
 
         let auth = match &config.jwt_secret {
             Some(secret) => Authenticator::hs256(secret, config.jwt_leeway),
@@ -139,7 +158,6 @@ impl Node {
                 Authenticator::Dev
             }
         };
-        let node_id: Arc<str> = config.node_name().into();
         let state = Arc::new(NodeState {
             node_id,
             hub,

@@ -332,6 +332,7 @@ impl Reader {
                     return Err(forbidden(format!("not allowed to publish to \"{room}\"")));
                 }
                 let template = MessageTemplate::new(&room, &user, data);
+                let started = Instant::now();
                 let stored = node
                     .broker
                     .publish_room(&room, template, key.as_deref())
@@ -339,6 +340,7 @@ impl Reader {
                     .map_err(|err| {
                         Rejection::new(ErrorCode::Unavailable, format!("message not stored: {err}"))
                     })?;
+                node.stats.record_publish(started.elapsed());
                 if reference.is_some() {
                     self.reply(ServerFrame::Ack {
                         id: Some(stored.id.to_string()),

@@ -16,6 +16,7 @@ use crate::protocol::ErrorCode;
 
 const FANOUT_SECONDS: &str = "roomcast_fanout_seconds";
 const MESSAGE_BYTES: &str = "roomcast_message_bytes";
+const PUBLISH_SECONDS: &str = "roomcast_publish_seconds";
 
 pub struct Stats {
     started: Instant,
@@ -31,6 +32,7 @@ pub struct Stats {
     recorder: PrometheusRecorder,
     fanout_seconds: Histogram,
     message_bytes: Histogram,
+    publish_seconds: Histogram,
 }
 
 /// The counters as `/stats` shows them.
@@ -69,6 +71,12 @@ impl Stats {
             )
             .and_then(|b| {
                 b.set_buckets_for_metric(
+                    Matcher::Full(PUBLISH_SECONDS.into()),
+                    &[0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
                     Matcher::Full(MESSAGE_BYTES.into()),
                     &[
                         64.0,
@@ -96,6 +104,13 @@ impl Stats {
         );
         let fanout_seconds =
             recorder.register_histogram(&Key::from_name(FANOUT_SECONDS), &metadata());
+        recorder.describe_histogram(
+            PUBLISH_SECONDS.into(),
+            Some(Unit::Seconds),
+            "Time for the broker to store and publish one room message".into(),
+        );
+        let publish_seconds =
+            recorder.register_histogram(&Key::from_name(PUBLISH_SECONDS), &metadata());
         let message_bytes =
             recorder.register_histogram(&Key::from_name(MESSAGE_BYTES), &metadata());
         Stats {
@@ -112,6 +127,7 @@ impl Stats {
             recorder,
             fanout_seconds,
             message_bytes,
+            publish_seconds,
         }
     }
 
@@ -148,6 +164,10 @@ impl Stats {
 
     pub fn upgrade_refused(&self, reason: &'static str) {
         *lock(&self.upgrades_refused).entry(reason).or_insert(0) += 1;
+    }
+
+    pub fn record_publish(&self, took: Duration) {
+        self.publish_seconds.record(took.as_secs_f64());
     }
 
     pub fn record_fanout(&self, took: Duration) {

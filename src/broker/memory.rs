@@ -10,7 +10,7 @@ use axum::extract::ws::Utf8Bytes;
 use futures::future::{self, BoxFuture, FutureExt};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerState, Channel, Delivery};
+use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
 use crate::history::memory::MemoryHistory;
 use crate::history::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
@@ -62,7 +62,7 @@ impl MemoryBroker {
     }
 
     fn subscribed(&self, channel: &Channel) -> bool {
-        lock(&self.subscriptions).contains_key(channel)
+        *channel == Channel::Broadcast || lock(&self.subscriptions).contains_key(channel)
     }
 
     /// Delivers a frame without id to the room's members, if any are here.
@@ -102,6 +102,18 @@ impl Broker for MemoryBroker {
 
     fn state(&self) -> BrokerState {
         BrokerState::Up
+    }
+
+    fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            kind: self.kind(),
+            state: self.state(),
+            // The broadcast channel, always, plus the counted ones.
+            channels: lock(&self.subscriptions).len() + 1,
+            reconnects: 0,
+            gap_messages_recovered: 0,
+            stream_reads: 0,
+        }
     }
 
     fn publish_room<'a>(

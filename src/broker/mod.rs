@@ -6,6 +6,7 @@
 //! in-process broker ([`memory`]) and a Redis one are interchangeable.
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -55,6 +56,23 @@ pub enum BrokerState {
     Down,
 }
 
+/// What `/stats` and `/metrics` show of the broker.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BrokerStats {
+    pub kind: &'static str,
+    pub state: BrokerState,
+    /// Channels this node is subscribed to.
+    pub channels: usize,
+    /// Times the subscriber connection was re-established.
+    pub reconnects: u64,
+    /// Messages delivered from history after a reconnect (published while
+    /// the node was not listening).
+    pub gap_messages_recovered: u64,
+    /// History reads that went to the shared store (resumes the node's own
+    /// tail could not serve).
+    pub stream_reads: u64,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("the broker is unavailable: {0}")]
@@ -64,6 +82,7 @@ pub enum BrokerError {
 /// The cross-node transport, history and presence store of a node.
 ///
 /// Contracts every implementation keeps:
+/// - The node is always subscribed to [`Channel::Broadcast`].
 /// - `subscribe`/`unsubscribe` are reference-counted per channel: the first
 ///   `subscribe` of a channel subscribes the node, the last `unsubscribe`
 ///   drops it. `subscribe` returns only once a message published afterwards
@@ -78,6 +97,8 @@ pub trait Broker: Send + Sync {
     fn kind(&self) -> &'static str;
 
     fn state(&self) -> BrokerState;
+
+    fn stats(&self) -> BrokerStats;
 
     /// Stores a room message in history and publishes it to the room's channel.
     fn publish_room<'a>(

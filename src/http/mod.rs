@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::{AuthError, Credentials};
-use crate::broker::BrokerState;
+use crate::broker::{BrokerState, BrokerStats};
 use crate::node::NodeState;
 use crate::session;
 use crate::stats::Counters;
@@ -130,12 +130,6 @@ async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
 }
 
 #[derive(Serialize)]
-struct BrokerStats {
-    kind: &'static str,
-    state: BrokerState,
-}
-
-#[derive(Serialize)]
 struct NodeStats {
     node: String,
     uptime_seconds: f64,
@@ -159,10 +153,7 @@ fn node_stats(node: &NodeState) -> NodeStats {
         connections: counts.connections,
         users: counts.users,
         rooms: counts.rooms,
-        broker: BrokerStats {
-            kind: node.broker.kind(),
-            state: node.broker.state(),
-        },
+        broker: node.broker.stats(),
         counters: node.stats.snapshot_counters(),
     }
 }
@@ -173,6 +164,7 @@ async fn stats(State(node): State<Arc<NodeState>>) -> Json<NodeStats> {
 
 async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
     let counts = node.hub.counts();
+    let broker = node.broker.stats();
     let up = |ok: bool| if ok { 1.0 } else { 0.0 };
     let text = node.stats.render_prometheus(&[
         (
@@ -203,7 +195,27 @@ async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
         (
             "roomcast_broker_up",
             "1 when the broker is reachable",
-            up(node.broker.state() == BrokerState::Up),
+            up(broker.state == BrokerState::Up),
+        ),
+        (
+            "roomcast_broker_channels",
+            "Broker channels this node is subscribed to",
+            broker.channels as f64,
+        ),
+        (
+            "roomcast_broker_reconnects",
+            "Times the broker subscriber connection was re-established",
+            broker.reconnects as f64,
+        ),
+        (
+            "roomcast_broker_gap_messages_recovered",
+            "Messages delivered from history after a broker reconnect",
+            broker.gap_messages_recovered as f64,
+        ),
+        (
+            "roomcast_broker_stream_reads",
+            "History reads that went to the shared store",
+            broker.stream_reads as f64,
         ),
     ]);
     (

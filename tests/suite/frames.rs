@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{collect_messages, TestNode};
+use crate::support::{collect_messages, TestNode, Topology};
 
 #[tokio::test]
 async fn welcome_names_the_connection_user_node_and_heartbeat() {
@@ -17,11 +17,10 @@ async fn welcome_names_the_connection_user_node_and_heartbeat() {
     assert!(welcome["conn"].as_str().unwrap().starts_with("c-"));
 }
 
-#[tokio::test]
-async fn room_members_get_published_messages_with_ids_and_the_sender_an_ack() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
-    let mut bob = node.connect("bob").await;
+async fn room_members_get_published_messages_with_ids_and_the_sender_an_ack(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
+    let mut bob = cluster.connect("bob").await;
     let joined = alice.join("lobby").await;
     assert_eq!(
         joined,
@@ -55,10 +54,9 @@ async fn room_members_get_published_messages_with_ids_and_the_sender_an_ack() {
     assert_eq!(seen, message);
 }
 
-#[tokio::test]
-async fn ids_increase_and_publishing_without_ref_gets_no_ack() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
+async fn ids_increase_and_publishing_without_ref_gets_no_ack(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
     alice.join("r").await;
     for n in 0..20 {
         alice
@@ -82,12 +80,11 @@ async fn ids_increase_and_publishing_without_ref_gets_no_ack() {
     alice.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn publishing_needs_no_membership_and_non_members_get_nothing() {
-    let node = TestNode::start(&[]).await;
-    let mut member = node.connect("member").await;
-    let mut outsider = node.connect("outsider").await;
-    let mut other_room = node.connect("other").await;
+async fn publishing_needs_no_membership_and_non_members_get_nothing(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut member = cluster.connect("member").await;
+    let mut outsider = cluster.connect("outsider").await;
+    let mut other_room = cluster.connect("other").await;
     member.join("a").await;
     other_room.join("b").await;
     let id = outsider.publish("a", json!("from outside")).await;
@@ -98,11 +95,10 @@ async fn publishing_needs_no_membership_and_non_members_get_nothing() {
     other_room.expect_silence(Duration::from_millis(200)).await;
 }
 
-#[tokio::test]
-async fn leave_stops_delivery_and_leaving_an_unjoined_room_is_not_found() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
-    let mut bob = node.connect("bob").await;
+async fn leave_stops_delivery_and_leaving_an_unjoined_room_is_not_found(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
+    let mut bob = cluster.connect("bob").await;
     alice.join("r").await;
     alice
         .send(json!({"type":"leave","room":"r","ref":"l"}))
@@ -120,13 +116,12 @@ async fn leave_stops_delivery_and_leaving_an_unjoined_room_is_not_found() {
     assert_eq!(error["ref"], 2);
 }
 
-#[tokio::test]
-async fn direct_messages_reach_every_connection_of_the_user_and_nobody_else() {
-    let node = TestNode::start(&[]).await;
-    let mut phone = node.connect("bob").await;
-    let mut laptop = node.connect("bob").await;
-    let mut carol = node.connect("carol").await;
-    let mut alice = node.connect("alice").await;
+async fn direct_messages_reach_every_connection_of_the_user_and_nobody_else(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut phone = cluster.connect("bob").await;
+    let mut laptop = cluster.connect("bob").await;
+    let mut carol = cluster.connect("carol").await;
+    let mut alice = cluster.connect("alice").await;
     alice
         .send(json!({"type":"direct","to":"bob","data":{"q":"lunch?"},"ref":"d1"}))
         .await;
@@ -144,12 +139,11 @@ async fn direct_messages_reach_every_connection_of_the_user_and_nobody_else() {
     assert_eq!(error["ref"], "d2");
 }
 
-#[tokio::test]
-async fn broadcast_reaches_every_connection() {
-    let node = TestNode::start(&[]).await;
+async fn broadcast_reaches_every_connection(topology: Topology) {
+    let cluster = topology.start(&[]).await;
     let mut clients = Vec::new();
     for user in ["a", "b", "c"] {
-        clients.push(node.connect(user).await);
+        clients.push(cluster.connect(user).await);
     }
     clients[0]
         .send(json!({"type":"broadcast","data":"everyone","ref":1}))
@@ -163,17 +157,16 @@ async fn broadcast_reaches_every_connection() {
     }
 }
 
-#[tokio::test]
-async fn presence_lists_users_and_members_see_join_and_leave_events() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
+async fn presence_lists_users_and_members_see_join_and_leave_events(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
     alice.join("r").await;
     assert_eq!(
         alice.recv().await,
         json!({"type":"join","room":"r","user":"alice"})
     );
-    let mut bob_phone = node.connect("bob").await;
-    let mut bob_laptop = node.connect("bob").await;
+    let mut bob_phone = cluster.connect("bob").await;
+    let mut bob_laptop = cluster.connect("bob").await;
     bob_phone.join("r").await;
     assert_eq!(
         alice.recv().await,
@@ -200,21 +193,21 @@ async fn presence_lists_users_and_members_see_join_and_leave_events() {
     assert_eq!(alice.recv().await["users"], json!(["alice"]));
 }
 
-#[tokio::test]
-async fn ping_gets_pong_with_the_ref() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
+async fn ping_gets_pong_with_the_ref(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
     alice.send(json!({"type":"ping","ref":{"n":1}})).await;
     assert_eq!(alice.recv().await, json!({"type":"pong","ref":{"n":1}}));
     alice.send(json!({"type":"ping"})).await;
     assert_eq!(alice.recv().await, json!({"type":"pong"}));
 }
 
-#[tokio::test]
-async fn a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_first_id() {
-    let node = TestNode::start(&[]).await;
-    let mut alice = node.connect("alice").await;
-    let mut bob = node.connect("bob").await;
+async fn a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_first_id(
+    topology: Topology,
+) {
+    let cluster = topology.start(&[]).await;
+    let mut alice = cluster.connect("alice").await;
+    let mut bob = cluster.connect("bob").await;
     bob.join("r").await;
     let publish = json!({"type":"publish","room":"r","data":"once","key":"k-1","ref":1});
     alice.send(publish.clone()).await;
@@ -225,3 +218,15 @@ async fn a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_f
     assert_eq!(bob.expect("message").await["id"], first["id"]);
     bob.expect_silence(Duration::from_millis(300)).await;
 }
+
+conformance!(
+    room_members_get_published_messages_with_ids_and_the_sender_an_ack,
+    ids_increase_and_publishing_without_ref_gets_no_ack,
+    publishing_needs_no_membership_and_non_members_get_nothing,
+    leave_stops_delivery_and_leaving_an_unjoined_room_is_not_found,
+    direct_messages_reach_every_connection_of_the_user_and_nobody_else,
+    broadcast_reaches_every_connection,
+    presence_lists_users_and_members_see_join_and_leave_events,
+    ping_gets_pong_with_the_ref,
+    a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_first_id,
+);

@@ -1,6 +1,7 @@
 //! The integration suite: real sockets against real nodes, one test binary.
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
 
 mod auth;

@@ -3,13 +3,15 @@
 
 use serde_json::json;
 
-use crate::support::{collect_messages, Client, TestNode};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-#[tokio::test]
-async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order() {
-    let node = TestNode::start(&[]).await;
-    let mut reader = node.connect("reader").await;
-    let mut writer = node.connect("writer").await;
+use crate::support::{collect_messages, Topology};
+
+async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut reader = cluster.connect("reader").await;
+    let mut writer = cluster.connect("writer").await;
     reader.join("news").await;
     for n in 0..5 {
         writer.publish("news", json!(n)).await;
@@ -23,7 +25,7 @@ async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order() {
         missed_ids.push(writer.publish("news", json!(n)).await);
     }
 
-    let mut reader = node.connect("reader").await;
+    let mut reader = cluster.connect("reader").await;
     reader
         .send(json!({"type":"join","room":"news","since":last_id,"ref":"j"}))
         .await;
@@ -47,15 +49,14 @@ async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order() {
     assert_eq!(next[0]["id"], live.as_str());
 }
 
-#[tokio::test]
-async fn resuming_from_before_trimmed_history_says_recovered_false() {
-    let node = TestNode::start(&["--history-size", "5"]).await;
-    let mut writer = node.connect("writer").await;
+async fn resuming_from_before_trimmed_history_says_recovered_false(topology: Topology) {
+    let cluster = topology.start(&["--history-size", "5"]).await;
+    let mut writer = cluster.connect("writer").await;
     let first = writer.publish("r", json!(0)).await;
     for n in 1..10 {
         writer.publish("r", json!(n)).await;
     }
-    let mut reader = node.connect("reader").await;
+    let mut reader = cluster.connect("reader").await;
     reader
         .send(json!({"type":"join","room":"r","since":first}))
         .await;
@@ -70,10 +71,9 @@ async fn resuming_from_before_trimmed_history_says_recovered_false() {
     assert_eq!(joined["replayed"], 5);
 }
 
-#[tokio::test]
-async fn resuming_in_a_room_without_history_is_not_recovered() {
-    let node = TestNode::start(&[]).await;
-    let mut reader = node.connect("reader").await;
+async fn resuming_in_a_room_without_history_is_not_recovered(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut reader = cluster.connect("reader").await;
     reader
         .send(json!({"type":"join","room":"empty","since":"1700000000000-0"}))
         .await;
@@ -82,14 +82,13 @@ async fn resuming_in_a_room_without_history_is_not_recovered() {
     assert_eq!(joined["replayed"], 0);
 }
 
-#[tokio::test]
-async fn a_new_joiner_with_last_gets_the_latest_messages_first() {
-    let node = TestNode::start(&["--history-size", "10"]).await;
-    let mut writer = node.connect("writer").await;
+async fn a_new_joiner_with_last_gets_the_latest_messages_first(topology: Topology) {
+    let cluster = topology.start(&["--history-size", "10"]).await;
+    let mut writer = cluster.connect("writer").await;
     for n in 0..15 {
         writer.publish("chat", json!(n)).await;
     }
-    let mut newcomer = node.connect("newcomer").await;
+    let mut newcomer = cluster.connect("newcomer").await;
     newcomer
         .send(json!({"type":"join","room":"chat","last":3}))
         .await;
@@ -102,7 +101,7 @@ async fn a_new_joiner_with_last_gets_the_latest_messages_first() {
     let joined = newcomer.expect("joined").await;
     assert_eq!(joined["replayed"], 3);
 
-    let mut greedy = node.connect("greedy").await;
+    let mut greedy = cluster.connect("greedy").await;
     greedy
         .send(json!({"type":"join","room":"chat","last":500}))
         .await;
@@ -111,33 +110,36 @@ async fn a_new_joiner_with_last_gets_the_latest_messages_first() {
     assert_eq!(greedy.expect("joined").await["replayed"], 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order() {
+async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order(
+    topology: Topology,
+) {
     const PUMPED: i64 = 1000;
-    let node = TestNode::start(&["--rate-limit", "100000", "--rate-burst", "100000"]).await;
-    let mut writer = node.connect("writer").await;
+    let cluster = topology
+        .start(&["--rate-limit", "100000", "--rate-burst", "100000"])
+        .await;
+    let mut writer = cluster.connect("writer").await;
     let start = writer.publish("busy", json!(-1)).await;
     // A second client keeps publishing while the reader resumes.
-    let url = node.ws_url("user=pump");
-    let mut pump = Client::connect(&url).await;
+    let mut pump = cluster.connect("pump").await;
     pump.join("busy").await;
-    let pumping = tokio::spawn(async move {
-        for n in 0..PUMPED {
-            pump.send(json!({"type":"publish","room":"busy","data":n}))
-                .await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let pumping = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            for n in 0..PUMPED {
+                pump.send(json!({"type":"publish","room":"busy","data":n}))
+                    .await;
+                sent.store(n as usize + 1, Ordering::Release);
+            }
+            // Its own copies show that every message was stored.
+            collect_messages(&mut pump, PUMPED as usize).await;
         }
-        // Its own copies show when the node has stored all of them.
-        collect_messages(&mut pump, PUMPED as usize).await;
     });
     // Join once the pump is under way.
-    loop {
-        let stats = node.stats().await;
-        if stats["messages_in"].as_u64().unwrap() > 100 {
-            break;
-        }
-        tokio::task::yield_now().await;
+    while sent.load(Ordering::Acquire) < 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let mut reader = node.connect("reader").await;
+    let mut reader = cluster.connect("reader").await;
     reader
         .send(json!({"type":"join","room":"busy","since":start}))
         .await;
@@ -159,3 +161,11 @@ async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order(
     );
     pumping.await.unwrap();
 }
+
+conformance!(
+    messages_published_while_a_resume_is_replayed_arrive_once_and_in_order,
+    a_client_resuming_with_since_gets_exactly_what_it_missed_in_order,
+    resuming_from_before_trimmed_history_says_recovered_false,
+    resuming_in_a_room_without_history_is_not_recovered,
+    a_new_joiner_with_last_gets_the_latest_messages_first,
+);

@@ -20,6 +20,29 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// Defines each named `async fn(Topology)` test once per topology: one
+/// node with the in-process broker, and three nodes sharing a Redis.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod one_node {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Topology::OneNode).await
+                }
+            )*
+        }
+        mod three_nodes_on_redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Topology::ThreeNodesOnRedis).await
+                }
+            )*
+        }
+    };
+}
+
 /// How long a test waits for any one expected frame.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -92,6 +115,172 @@ trait ParseJson {
 impl ParseJson for String {
     fn parse_json(&self) -> Value {
         serde_json::from_str(self).unwrap_or_else(|e| panic!("not JSON ({e}): {self}"))
+    }
+}
+
+/// A `redis-server` of the test's own on a free loopback port, without
+/// persistence; killed (by PID) on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let mut server = RedisServer { child: None, port };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.try_cli(&["PING"]).as_deref() != Some("PONG") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// Runs a command with redis-cli; returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// How often Redis ran `command` (from scripts too), per INFO commandstats.
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Kills the server (its data is gone: no persistence).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Where a conformance test runs: the same tests, the same expectations.
+#[derive(Debug, Clone, Copy)]
+pub enum Topology {
+    /// One node, in-process broker.
+    OneNode,
+    /// Three nodes sharing a Redis; clients are spread over them.
+    ThreeNodesOnRedis,
+}
+
+/// The nodes of a test, and the Redis they share if any.
+pub struct Cluster {
+    pub nodes: Vec<TestNode>,
+    pub redis: Option<RedisServer>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Topology {
+    pub async fn start(self, args: &[&str]) -> Cluster {
+        match self {
+            Topology::OneNode => Cluster {
+                nodes: vec![TestNode::start(args).await],
+                redis: None,
+                next: Default::default(),
+            },
+            Topology::ThreeNodesOnRedis => Cluster::on_redis(3, args).await,
+        }
+    }
+}
+
+impl Cluster {
+    /// `count` nodes on a fresh Redis.
+    pub async fn on_redis(count: usize, args: &[&str]) -> Cluster {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let mut nodes = Vec::new();
+        for n in 0..count {
+            let id = format!("node-{n}");
+            let mut all = vec!["--redis-url", &url, "--node-id", &id];
+            all.extend_from_slice(args);
+            nodes.push(TestNode::start(&all).await);
+        }
+        Cluster {
+            nodes,
+            redis: Some(redis),
+            next: Default::default(),
+        }
+    }
+
+    /// The next node, round robin.
+    pub fn pick(&self) -> &TestNode {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.nodes[n % self.nodes.len()]
+    }
+
+    /// Connects `user` to the next node, round robin.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.pick().connect(user).await
     }
 }
 

@@ -1,0 +1,938 @@
+//! The Redis broker: one node of many sharing one Redis.
+//!
+//! - Pub/sub on one dedicated subscriber connection per node; channels are
+//!   reference-counted, so a room costs the node one SUBSCRIBE however many
+//!   members it has here.
+//! - Room history in one Redis Stream per room. A Lua script adds the
+//!   message (XADD, which assigns the id) and publishes it in one step, so
+//!   every node sees a room's messages with the same ids in the same order.
+//! - Each node keeps the recent tail of every room it is subscribed to and
+//!   serves resumes from it; only a resume reaching further back reads the
+//!   stream, once per room however many clients ask at the same time.
+//! - Presence: a hash of user counts per room, plus each node's own
+//!   contributions, so a node that dies is reaped by the others once its
+//!   liveness entry is older than `NODE_TTL`.
+//! - The subscriber connection is supervised: when it drops, the node
+//!   reconnects with backoff and jitter, resubscribes, and reads every
+//!   joined room's stream after the last id it delivered, so local clients
+//!   lose nothing and never notice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::Utf8Bytes;
+use futures::future::{BoxFuture, FutureExt};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{Client, RedisError, Script, Value};
+use tokio::sync::mpsc;
+
+use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
+use crate::history::log::RoomLog;
+use crate::history::{Replay, Stored};
+use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
+
+/// Stores a room message and publishes it, atomically.
+/// KEYS: stream, [idempotency key]. ARGV: channel, maxlen, ttl ms, prefix, suffix.
+/// The published payload is `<id> <frame>`; the frame is `prefix .. id .. suffix`.
+const PUBLISH_SCRIPT: &str = r"
+local idem = KEYS[2]
+if idem then
+  local existing = redis.call('GET', idem)
+  if existing then return {existing, 1} end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[4], 's', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if idem then redis.call('SET', idem, id, 'PX', ARGV[3]) end
+redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[4] .. id .. ARGV[5])
+return {id, 0}
+";
+
+/// Reads a room's stream: where it is complete from, and its newest entries.
+/// KEYS: stream. ARGV: count. Returns {max-deleted-entry-id, first id,
+/// entries newest first}, or {} when the stream does not exist.
+const READ_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local deleted, first = '0-0', ''
+for i = 1, #info, 2 do
+  if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+  if info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
+end
+return {deleted, first, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])}
+";
+
+/// A connection of `user` enters a room. KEYS: room presence, node presence.
+/// ARGV: user, room, channel, event. Publishes the event when the user is new.
+const PRESENCE_ADD_SCRIPT: &str = r"
+redis.call('HINCRBY', KEYS[2], ARGV[2] .. '\031' .. ARGV[1], 1)
+if redis.call('HINCRBY', KEYS[1], ARGV[1], 1) == 1 then
+  redis.call('PUBLISH', ARGV[3], '- ' .. ARGV[4])
+  return 1
+end
+return 0
+";
+
+/// A connection of `user` leaves a room; same keys and arguments.
+const PRESENCE_REMOVE_SCRIPT: &str = r"
+local field = ARGV[2] .. '\031' .. ARGV[1]
+local mine = redis.call('HINCRBY', KEYS[2], field, -1)
+if mine <= 0 then redis.call('HDEL', KEYS[2], field) end
+if mine < 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[3], '- ' .. ARGV[4])
+  return 1
+end
+return 0
+";
+
+/// Marks this node alive and reaps nodes silent for longer than the TTL:
+/// their users leave every room they were in (with a `leave` event).
+/// KEYS: nodes. ARGV: node, ttl ms, key prefix, '1' to first drop this
+/// node's own leftovers (a restart under the same NODE_ID).
+/// The `leave` frame is built here, not by the node that left, because that
+/// node is gone; names never contain characters JSON would escape.
+const LIVENESS_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+for _, node in ipairs(dead) do
+  local mine = ARGV[3] .. ':node-presence:' .. node
+  local fields = redis.call('HGETALL', mine)
+  for i = 1, #fields, 2 do
+    local room, user = string.match(fields[i], '^(.*)\031(.*)$')
+    local hash = ARGV[3] .. ':presence:{' .. room .. '}'
+    if redis.call('HINCRBY', hash, user, -tonumber(fields[i + 1])) <= 0 then
+      redis.call('HDEL', hash, user)
+      redis.call('PUBLISH', ARGV[3] .. ':room:{' .. room .. '}',
+        '- {"type":"leave","room":"' .. room .. '","user":"' .. user .. '"}')
+    end
+  end
+  redis.call('DEL', mine)
+  redis.call('ZREM', KEYS[1], node)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return #dead
+"#;
+
+/// Where a Redis broker connects and what it names.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key and channel, so several deployments can share a Redis.
+    pub prefix: String,
+    pub node_id: String,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// A node whose liveness entry is older than this drops out of presence.
+    pub node_ttl: Duration,
+}
+
+/// Names of keys and channels. Room and user names sit in `{…}` hash tags,
+/// so a room's stream, channel and presence share one Redis Cluster slot.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn channel(&self, channel: &Channel) -> String {
+        match channel {
+            Channel::Room(room) => format!("{}:room:{{{room}}}", self.prefix),
+            Channel::User(user) => format!("{}:user:{{{user}}}", self.prefix),
+            Channel::Broadcast => format!("{}:broadcast", self.prefix),
+        }
+    }
+
+    fn parse_channel(&self, name: &str) -> Option<Channel> {
+        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(':')?;
+        if rest == "broadcast" {
+            return Some(Channel::Broadcast);
+        }
+        let (kind, tagged) = rest.split_once(':')?;
+        let inner = tagged.strip_prefix('{')?.strip_suffix('}')?;
+        match kind {
+            "room" => Some(Channel::Room(inner.into())),
+            "user" => Some(Channel::User(inner.into())),
+            _ => None,
+        }
+    }
+
+    fn stream(&self, room: &str) -> String {
+        format!("{}:stream:{{{room}}}", self.prefix)
+    }
+
+    fn idempotency(&self, room: &str, key: &str) -> String {
+        format!("{}:key:{{{room}}}:{key}", self.prefix)
+    }
+
+    fn presence(&self, room: &str) -> String {
+        format!("{}:presence:{{{room}}}", self.prefix)
+    }
+
+    fn node_presence(&self, node: &str) -> String {
+        format!("{}:node-presence:{node}", self.prefix)
+    }
+
+    fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+}
+
+/// The subscriber side: which channels this node needs, and the sink to
+/// (un)subscribe while connected. Held across SUBSCRIBE round trips (a
+/// tokio mutex), so concurrent joins of one room subscribe it once and all
+/// return only after the subscription is active.
+#[derive(Default)]
+struct Subscriptions {
+    counts: HashMap<Channel, usize>,
+    sink: Option<PubSubSink>,
+}
+
+/// What the node knows of a subscribed room.
+#[derive(Default)]
+struct RoomTail {
+    /// Recent messages, for resumes.
+    log: RoomLog,
+    /// The newest id handed to local fan-out: anything at or below is a
+    /// duplicate (e.g. delivered again after a reconnect's catch-up).
+    dispatched: Option<MessageId>,
+}
+
+#[derive(Default)]
+struct Counters {
+    channels: AtomicUsize,
+    reconnects: AtomicU64,
+    gap_messages_recovered: AtomicU64,
+    stream_reads: AtomicU64,
+}
+
+pub struct RedisBroker {
+    keys: Keys,
+    settings: RedisSettings,
+    client: Client,
+    commands: ConnectionManager,
+    subscriptions: tokio::sync::Mutex<Subscriptions>,
+    up: AtomicBool,
+    tails: Mutex<HashMap<Arc<str>, RoomTail>>,
+    /// One stream read per room at a time; waiters then find the tail filled.
+    reads_in_flight: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    counters: Counters,
+    publish_script: Script,
+    read_script: Script,
+    presence_add_script: Script,
+    presence_remove_script: Script,
+    liveness_script: Script,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unavailable(err: RedisError) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {err}"))
+}
+
+/// Exponential backoff with full jitter, capped.
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_secs(5);
+    let ceiling = Duration::from_millis(100)
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(cap);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+impl RedisBroker {
+    /// Connects (waiting briefly for Redis, then carrying on in the
+    /// background) and starts the subscriber and liveness tasks.
+    pub async fn start(
+        settings: RedisSettings,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Delivery>), BrokerError> {
+        let client = Client::open(settings.url.as_str())
+            .map_err(|e| BrokerError::Unavailable(format!("bad REDIS_URL: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let commands =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let (deliveries, incoming) = mpsc::unbounded_channel();
+        // Every node hears broadcasts, from the first connection on.
+        let mut subscriptions = Subscriptions::default();
+        subscriptions.counts.insert(Channel::Broadcast, 1);
+        let broker = Arc::new(RedisBroker {
+            keys: Keys {
+                prefix: settings.prefix.clone(),
+            },
+            settings,
+            client,
+            commands,
+            subscriptions: tokio::sync::Mutex::new(subscriptions),
+            up: AtomicBool::new(false),
+            tails: Mutex::new(HashMap::new()),
+            reads_in_flight: Mutex::new(HashMap::new()),
+            deliveries,
+            counters: Counters {
+                channels: AtomicUsize::new(1),
+                ..Counters::default()
+            },
+            publish_script: Script::new(PUBLISH_SCRIPT),
+            read_script: Script::new(READ_SCRIPT),
+            presence_add_script: Script::new(PRESENCE_ADD_SCRIPT),
+            presence_remove_script: Script::new(PRESENCE_REMOVE_SCRIPT),
+            liveness_script: Script::new(LIVENESS_SCRIPT),
+        });
+        tokio::spawn(supervise_subscriber(Arc::downgrade(&broker)));
+        tokio::spawn(keep_alive(Arc::downgrade(&broker)));
+        for _ in 0..50 {
+            if broker.up.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !broker.up.load(Ordering::Acquire) {
+            tracing::warn!(url = %redact(&broker.settings.url), "Redis is not reachable yet; retrying in the background");
+        }
+        Ok((broker, incoming))
+    }
+
+    fn deliver(&self, delivery: Delivery) {
+        let _ = self.deliveries.send(delivery);
+    }
+
+    /// Handles one pub/sub message: rooms are deduplicated and remembered in
+    /// the room's tail before fan-out.
+    fn on_message(&self, channel: &str, payload: &[u8]) {
+        let Some(channel) = self.keys.parse_channel(channel) else {
+            return;
+        };
+        let Ok(text) = Utf8Bytes::try_from(Bytes::copy_from_slice(payload)) else {
+            tracing::warn!(%channel, "dropped a message that is not UTF-8");
+            return;
+        };
+        match channel {
+            Channel::Room(room) => {
+                let Some((id, frame)) = split_room_payload(&text) else {
+                    tracing::warn!(%room, "dropped a malformed room message");
+                    return;
+                };
+                self.dispatch_room(room, id, Utf8Bytes::from(frame.to_string()));
+            }
+            Channel::User(user) => self.deliver(Delivery::User { user, text }),
+            Channel::Broadcast => self.deliver(Delivery::Broadcast(text)),
+        }
+    }
+
+    fn dispatch_room(&self, room: Arc<str>, id: Option<MessageId>, text: Utf8Bytes) {
+        let mut tails = lock(&self.tails);
+        // Not (or no longer) subscribed here: nobody to deliver to.
+        let Some(room) = tails.get_key_value(&room).map(|(name, _)| name.clone()) else {
+            return;
+        };
+        let Some(tail) = tails.get_mut(&room) else {
+            return;
+        };
+        if let Some(id) = id {
+            if tail.dispatched.is_some_and(|last| id <= last) {
+                return;
+            }
+            tail.dispatched = Some(id);
+        }
+        let frame = Arc::new(RoomFrame { room, id, text });
+        tail.log.push(frame.clone(), self.settings.history_size);
+        // Under the tails lock: a resume that reads the tail either finds
+        // this frame there or is already a member and gets it live.
+        self.deliver(Delivery::Room(frame));
+    }
+
+    /// After the subscriber reconnected: every subscribed room's messages
+    /// published while it was away, from the stream, in order.
+    async fn catch_up_rooms(&self) {
+        let rooms: Vec<(Arc<str>, Option<MessageId>)> = lock(&self.tails)
+            .iter()
+            .map(|(room, tail)| (room.clone(), tail.dispatched))
+            .collect();
+        for (room, dispatched) in rooms {
+            match self.read_stream(&room).await {
+                Ok(Some(snapshot)) => {
+                    let mut recovered = 0;
+                    let continuous = dispatched.is_none_or(|last| last >= snapshot.complete_after);
+                    if !continuous {
+                        // The stream no longer reaches back to what this
+                        // node delivered (Redis restarted empty, or trimmed):
+                        // forget the tail rather than claim continuity.
+                        tracing::warn!(%room, "room history lost in Redis; resumes will say recovered:false");
+                        if let Some(tail) = lock(&self.tails).get_mut(&room) {
+                            tail.log = RoomLog::new(None);
+                        }
+                    }
+                    for frame in snapshot.messages {
+                        if frame.id > dispatched {
+                            recovered += 1;
+                            self.dispatch_room(room.clone(), frame.id, frame.text.clone());
+                        }
+                    }
+                    if recovered > 0 {
+                        self.counters
+                            .gap_messages_recovered
+                            .fetch_add(recovered, Ordering::Relaxed);
+                        tracing::info!(%room, recovered, "delivered messages missed while disconnected");
+                    }
+                }
+                Ok(None) => {
+                    if dispatched.is_some() {
+                        tracing::warn!(%room, "room stream gone from Redis; resumes will say recovered:false");
+                    }
+                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
+                        tail.log = RoomLog::new(None);
+                    }
+                }
+                Err(err) => tracing::warn!(%room, error = %err, "catching up a room failed"),
+            }
+        }
+    }
+
+    /// The stream's newest `HISTORY_SIZE` messages and where it is complete
+    /// from; `None` when the stream does not exist.
+    async fn read_stream(&self, room: &Arc<str>) -> Result<Option<Snapshot>, BrokerError> {
+        self.counters.stream_reads.fetch_add(1, Ordering::Relaxed);
+        let mut commands = self.commands.clone();
+        let reply: Vec<Value> = self
+            .read_script
+            .key(self.keys.stream(room))
+            .arg(self.settings.history_size)
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        parse_snapshot(room, reply, self.settings.history_size)
+    }
+
+    /// Serves a catch-up from the room's tail, reading the stream (once per
+    /// room at a time) only when the tail does not reach back far enough.
+    async fn history_read(&self, room: &str, catch_up: CatchUp) -> Result<Replay, BrokerError> {
+        let room: Arc<str> = Arc::from(room);
+        if let Some(replay) = self.from_tail(&room, catch_up) {
+            return Ok(replay);
+        }
+        let gate = lock(&self.reads_in_flight)
+            .entry(room.clone())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        // Another reader may have filled the tail while this one waited.
+        if let Some(replay) = self.from_tail(&room, catch_up) {
+            return Ok(replay);
+        }
+        let snapshot = self.read_stream(&room).await;
+        lock(&self.reads_in_flight).remove(&room);
+        let Some(snapshot) = snapshot? else {
+            return Ok(Replay {
+                messages: Vec::new(),
+                recovered: !matches!(catch_up, CatchUp::Since(_)),
+            });
+        };
+        let mut tails = lock(&self.tails);
+        match tails.get_mut(&room) {
+            // Subscribed (the normal case for a join): keep it for the next one.
+            Some(tail) => {
+                tail.log.merge(
+                    snapshot.messages,
+                    snapshot.complete_after,
+                    self.settings.history_size,
+                );
+                Ok(tail.log.read(catch_up).unwrap_or_default())
+            }
+            None => {
+                let mut log = RoomLog::new(None);
+                log.merge(
+                    snapshot.messages,
+                    snapshot.complete_after,
+                    self.settings.history_size,
+                );
+                Ok(log.read(catch_up).unwrap_or_default())
+            }
+        }
+    }
+
+    fn from_tail(&self, room: &Arc<str>, catch_up: CatchUp) -> Option<Replay> {
+        lock(&self.tails).get(room)?.log.read(catch_up)
+    }
+
+    async fn subscribe_channel(&self, channel: Channel) -> Result<(), BrokerError> {
+        let mut subscriptions = self.subscriptions.lock().await;
+        if let Some(count) = subscriptions.counts.get_mut(&channel) {
+            *count += 1;
+            return Ok(());
+        }
+        let sink = subscriptions
+            .sink
+            .as_mut()
+            .ok_or_else(|| BrokerError::Unavailable("not connected to Redis".into()))?;
+        sink.subscribe(self.keys.channel(&channel))
+            .await
+            .map_err(unavailable)?;
+        if let Channel::Room(room) = &channel {
+            lock(&self.tails).insert(room.clone(), RoomTail::default());
+        }
+        subscriptions.counts.insert(channel, 1);
+        self.counters
+            .channels
+            .store(subscriptions.counts.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn unsubscribe_channel(&self, channel: Channel) -> Result<(), BrokerError> {
+        let mut subscriptions = self.subscriptions.lock().await;
+        let Some(count) = subscriptions.counts.get_mut(&channel) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count > 0 {
+            return Ok(());
+        }
+        subscriptions.counts.remove(&channel);
+        self.counters
+            .channels
+            .store(subscriptions.counts.len(), Ordering::Relaxed);
+        if let Channel::Room(room) = &channel {
+            // Its tail can no longer be kept gap-free.
+            lock(&self.tails).remove(room);
+        }
+        match subscriptions.sink.as_mut() {
+            Some(sink) => sink
+                .unsubscribe(self.keys.channel(&channel))
+                .await
+                .map_err(unavailable),
+            // Not resubscribed on reconnect, since it is no longer counted.
+            None => Ok(()),
+        }
+    }
+
+    /// One connected period of the subscriber: resubscribe, catch up, forward.
+    async fn run_subscriber(&self, sink: PubSubSink, mut stream: PubSubStream, reconnected: bool) {
+        {
+            let mut subscriptions = self.subscriptions.lock().await;
+            let names: Vec<String> = subscriptions
+                .counts
+                .keys()
+                .map(|c| self.keys.channel(c))
+                .collect();
+            let mut sink = sink;
+            if let Err(err) = sink.subscribe(&names).await {
+                tracing::warn!(error = %err, "resubscribing failed");
+                return;
+            }
+            subscriptions.sink = Some(sink);
+        }
+        self.up.store(true, Ordering::Release);
+        tracing::info!(reconnected, "subscribed to Redis");
+        if reconnected {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.catch_up_rooms().await;
+        }
+        let mut ping = tokio::time::interval(Duration::from_secs(5));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.on_message(message.get_channel_name(), message.get_payload_bytes()),
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    let sink = self.subscriptions.lock().await.sink.clone();
+                    if let Some(mut sink) = sink {
+                        let alive = tokio::time::timeout(Duration::from_secs(3), sink.ping::<Value>()).await;
+                        if !matches!(alive, Ok(Ok(_))) {
+                            tracing::warn!("Redis subscriber stopped answering pings");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.up.store(false, Ordering::Release);
+        self.subscriptions.lock().await.sink = None;
+        tracing::warn!("lost the Redis subscriber connection; reconnecting");
+    }
+
+    async fn keep_alive_once(&self, first: bool) -> Result<(), RedisError> {
+        let mut commands = self.commands.clone();
+        let reaped: i64 = self
+            .liveness_script
+            .key(self.keys.nodes())
+            .arg(&self.settings.node_id)
+            .arg(self.settings.node_ttl.as_millis() as u64)
+            .arg(&self.settings.prefix)
+            .arg(if first { "1" } else { "0" })
+            .invoke_async(&mut commands)
+            .await?;
+        if reaped > 0 && !first {
+            tracing::info!(nodes = reaped, "reaped the presence of silent nodes");
+        }
+        Ok(())
+    }
+}
+
+/// A read of a room's stream.
+struct Snapshot {
+    messages: Vec<Arc<RoomFrame>>,
+    complete_after: MessageId,
+}
+
+/// `<id> <frame>` or `- <frame>` (presence events have no id).
+fn split_room_payload(payload: &str) -> Option<(Option<MessageId>, &str)> {
+    let (id, frame) = payload.split_once(' ')?;
+    if id == "-" {
+        return Some((None, frame));
+    }
+    Some((Some(id.parse().ok()?), frame))
+}
+
+fn predecessor(id: MessageId) -> MessageId {
+    match id.seq.checked_sub(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
+        None => MessageId::ZERO,
+    }
+}
+
+fn parse_snapshot(
+    room: &Arc<str>,
+    reply: Vec<Value>,
+    history_size: usize,
+) -> Result<Option<Snapshot>, BrokerError> {
+    let bad =
+        |what: &str| BrokerError::Unavailable(format!("unexpected stream read reply: {what}"));
+    let mut parts = reply.into_iter();
+    let (Some(deleted), Some(first), Some(entries)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(None);
+    };
+    let as_string = |v: Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b).ok(),
+            Value::SimpleString(s) => Some(s),
+            _ => None,
+        }
+    };
+    let deleted: MessageId = as_string(deleted)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("max-deleted-entry-id"))?;
+    let first: Option<MessageId> = as_string(first).and_then(|s| s.parse().ok());
+    let Value::Array(entries) = entries else {
+        return Err(bad("entries"));
+    };
+    let full = entries.len() >= history_size;
+    let mut messages = Vec::with_capacity(entries.len());
+    for entry in entries.into_iter().rev() {
+        let Value::Array(mut pair) = entry else {
+            return Err(bad("entry"));
+        };
+        let (Some(Value::Array(fields)), Some(id)) = (pair.pop(), pair.pop()) else {
+            return Err(bad("entry shape"));
+        };
+        let id: MessageId = as_string(id)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("entry id"))?;
+        let mut fields = fields.into_iter().map(as_string);
+        let (mut prefix, mut suffix) = (None, None);
+        while let (Some(Some(name)), Some(Some(value))) = (fields.next(), fields.next()) {
+            match name.as_str() {
+                "p" => prefix = Some(value),
+                "s" => suffix = Some(value),
+                _ => {}
+            }
+        }
+        let (Some(prefix), Some(suffix)) = (prefix, suffix) else {
+            return Err(bad("entry fields"));
+        };
+        let template = MessageTemplate { prefix, suffix };
+        messages.push(Arc::new(RoomFrame {
+            room: room.clone(),
+            id: Some(id),
+            text: template.with_id(id).into(),
+        }));
+    }
+    // Trimming records the largest deleted id; an untrimmed stream is
+    // complete from just below its first entry. A read capped at
+    // HISTORY_SIZE is complete only from just below what it returned.
+    let mut complete_after = if deleted > MessageId::ZERO {
+        deleted
+    } else {
+        first.map(predecessor).unwrap_or(MessageId::ZERO)
+    };
+    if full {
+        if let Some(oldest) = messages.first().and_then(|m| m.id) {
+            complete_after = complete_after.max(predecessor(oldest));
+        }
+    }
+    Ok(Some(Snapshot {
+        messages,
+        complete_after,
+    }))
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn supervise_subscriber(broker: std::sync::Weak<RedisBroker>) {
+    let mut attempt = 0u32;
+    let mut connected_before = false;
+    loop {
+        let Some(strong) = broker.upgrade() else {
+            return;
+        };
+        let connection =
+            tokio::time::timeout(Duration::from_secs(2), strong.client.get_async_pubsub()).await;
+        match connection {
+            Ok(Ok(pubsub)) => {
+                let (sink, stream) = pubsub.split();
+                let started = tokio::time::Instant::now();
+                strong.run_subscriber(sink, stream, connected_before).await;
+                connected_before = true;
+                if started.elapsed() > Duration::from_secs(10) {
+                    attempt = 0;
+                }
+            }
+            Ok(Err(err)) => tracing::debug!(error = %err, "connecting the Redis subscriber failed"),
+            Err(_) => tracing::debug!("connecting the Redis subscriber timed out"),
+        }
+        drop(strong);
+        tokio::time::sleep(backoff(attempt)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+async fn keep_alive(broker: std::sync::Weak<RedisBroker>) {
+    let mut first = true;
+    loop {
+        let Some(strong) = broker.upgrade() else {
+            return;
+        };
+        let every = strong.settings.node_ttl / 3;
+        match strong.keep_alive_once(first).await {
+            Ok(()) => first = false,
+            Err(err) => tracing::debug!(error = %err, "liveness update failed"),
+        }
+        drop(strong);
+        tokio::time::sleep(every).await;
+    }
+}
+
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn state(&self) -> BrokerState {
+        if self.up.load(Ordering::Acquire) {
+            BrokerState::Up
+        } else {
+            BrokerState::Down
+        }
+    }
+
+    fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            kind: self.kind(),
+            state: self.state(),
+            channels: self.counters.channels.load(Ordering::Relaxed),
+            reconnects: self.counters.reconnects.load(Ordering::Relaxed),
+            gap_messages_recovered: self.counters.gap_messages_recovered.load(Ordering::Relaxed),
+            stream_reads: self.counters.stream_reads.load(Ordering::Relaxed),
+        }
+    }
+
+    fn publish_room<'a>(
+        &'a self,
+        room: &'a str,
+        message: MessageTemplate,
+        key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Stored, BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            let mut invocation = self.publish_script.key(self.keys.stream(room));
+            if let Some(key) = key {
+                invocation.key(self.keys.idempotency(room, key));
+            }
+            let (id, duplicate): (String, i64) = invocation
+                .arg(self.keys.channel(&Channel::Room(Arc::from(room))))
+                .arg(self.settings.history_size)
+                .arg(self.settings.history_ttl.as_millis() as u64)
+                .arg(&message.prefix)
+                .arg(&message.suffix)
+                .invoke_async(&mut commands)
+                .await
+                .map_err(unavailable)?;
+            let id = id
+                .parse()
+                .map_err(|_| BrokerError::Unavailable(format!("Redis returned a bad id {id:?}")))?;
+            Ok(Stored {
+                id,
+                duplicate: duplicate == 1,
+            })
+        }
+        .boxed()
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        text: Utf8Bytes,
+    ) -> BoxFuture<'a, Result<usize, BrokerError>> {
+        async move {
+            let payload = match channel {
+                Channel::Room(_) => format!("- {}", text.as_str()),
+                _ => text.as_str().to_string(),
+            };
+            let mut commands = self.commands.clone();
+            let receivers: usize = redis::cmd("PUBLISH")
+                .arg(self.keys.channel(channel))
+                .arg(payload)
+                .query_async(&mut commands)
+                .await
+                .map_err(unavailable)?;
+            Ok(receivers)
+        }
+        .boxed()
+    }
+
+    fn subscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.subscribe_channel(channel).boxed()
+    }
+
+    fn unsubscribe(&self, channel: Channel) -> BoxFuture<'_, Result<(), BrokerError>> {
+        self.unsubscribe_channel(channel).boxed()
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        catch_up: CatchUp,
+    ) -> BoxFuture<'a, Result<Replay, BrokerError>> {
+        self.history_read(room, catch_up).boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+        event: Utf8Bytes,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        self.presence_change(&self.presence_add_script, room, user, event)
+            .boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        room: &'a str,
+        user: &'a str,
+        event: Utf8Bytes,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        self.presence_change(&self.presence_remove_script, room, user, event)
+            .boxed()
+    }
+
+    fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            let mut users: Vec<String> = redis::cmd("HKEYS")
+                .arg(self.keys.presence(room))
+                .query_async(&mut commands)
+                .await
+                .map_err(unavailable)?;
+            users.sort();
+            Ok(users)
+        }
+        .boxed()
+    }
+}
+
+impl RedisBroker {
+    async fn presence_change(
+        &self,
+        script: &Script,
+        room: &str,
+        user: &str,
+        event: Utf8Bytes,
+    ) -> Result<bool, BrokerError> {
+        let mut commands = self.commands.clone();
+        let changed: i64 = script
+            .key(self.keys.presence(room))
+            .key(self.keys.node_presence(&self.settings.node_id))
+            .arg(user)
+            .arg(room)
+            .arg(self.keys.channel(&Channel::Room(Arc::from(room))))
+            .arg(event.as_str())
+            .invoke_async(&mut commands)
+            .await
+            .map_err(unavailable)?;
+        Ok(changed == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_round_trip_and_foreign_ones_are_ignored() {
+        let keys = Keys {
+            prefix: "rc".into(),
+        };
+        for channel in [
+            Channel::Room("chat:1".into()),
+            Channel::User("bob@example.com".into()),
+            Channel::Broadcast,
+        ] {
+            assert_eq!(keys.parse_channel(&keys.channel(&channel)), Some(channel));
+        }
+        assert_eq!(keys.channel(&Channel::Room("r".into())), "rc:room:{r}");
+        assert_eq!(keys.parse_channel("other:room:{r}"), None);
+        assert_eq!(keys.parse_channel("rc:room:r"), None);
+    }
+
+    #[test]
+    fn room_payloads_carry_the_id_or_a_dash() {
+        assert_eq!(
+            split_room_payload("12-3 {\"a\":1}"),
+            Some((Some(MessageId::new(12, 3)), "{\"a\":1}"))
+        );
+        assert_eq!(split_room_payload("- {}"), Some((None, "{}")));
+        assert_eq!(split_room_payload("nonsense"), None);
+        assert_eq!(split_room_payload("x-y {}"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_full_jitter_and_a_cap() {
+        for attempt in 0..40 {
+            let delay = backoff(attempt);
+            assert!(delay <= Duration::from_secs(5));
+            assert!(delay <= Duration::from_millis(100) * (1 << attempt.min(10)));
+        }
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
