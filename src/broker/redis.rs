@@ -419,7 +419,7 @@ impl RedisBroker {
     /// room at a time) only when the tail does not reach back far enough.
     async fn history_read(&self, room: &str, catch_up: CatchUp) -> Result<Replay, BrokerError> {
         let room: Arc<str> = Arc::from(room);
-        if let Some(replay) = self.from_tail(&room, catch_up) {
+        if let Some(replay) = self.read_tail(&room, catch_up) {
             return Ok(replay);
         }
         let gate = lock(&self.reads_in_flight)
@@ -428,7 +428,7 @@ impl RedisBroker {
             .clone();
         let _turn = gate.lock().await;
         // Another reader may have filled the tail while this one waited.
-        if let Some(replay) = self.from_tail(&room, catch_up) {
+        if let Some(replay) = self.read_tail(&room, catch_up) {
             return Ok(replay);
         }
         let snapshot = self.read_stream(&room).await;
@@ -462,7 +462,7 @@ impl RedisBroker {
         }
     }
 
-    fn from_tail(&self, room: &Arc<str>, catch_up: CatchUp) -> Option<Replay> {
+    fn read_tail(&self, room: &Arc<str>, catch_up: CatchUp) -> Option<Replay> {
         lock(&self.tails).get(room)?.log.read(catch_up)
     }
 
