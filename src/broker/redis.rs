@@ -90,7 +90,8 @@ end
 return 0
 ";
 
-/// Marks this node alive and reaps nodes silent for longer than the TTL:
+/// Marks this node alive and reaps nodes silent for longer than the TTL
+/// (returns how many, and whether this node was still registered):
 /// their users leave every room they were in (with a `leave` event).
 /// KEYS: nodes. ARGV: node, ttl ms, key prefix, '1' to first drop this
 /// node's own leftovers (a restart under the same NODE_ID).
@@ -100,6 +101,7 @@ const LIVENESS_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[4] == '1' then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
+local registered = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 for _, node in ipairs(dead) do
   local mine = ARGV[3] .. ':node-presence:' .. node
@@ -117,8 +119,29 @@ for _, node in ipairs(dead) do
   redis.call('ZREM', KEYS[1], node)
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-return #dead
+return {#dead, registered}
 "#;
+
+/// Makes this node's recorded presence equal to what it really has, after
+/// Redis lost it (restarted empty) or reaped the node during an outage.
+/// KEYS: node presence. ARGV: key prefix, then (room, user, connections)
+/// triples. Rooms' hashes are named here, as in the liveness script.
+const PRESENCE_RESYNC_SCRIPT: &str = r"
+local recorded = redis.call('HGETALL', KEYS[1])
+for i = 1, #recorded, 2 do
+  local room, user = string.match(recorded[i], '^(.*)\031(.*)$')
+  local hash = ARGV[1] .. ':presence:{' .. room .. '}'
+  if redis.call('HINCRBY', hash, user, -tonumber(recorded[i + 1])) <= 0 then
+    redis.call('HDEL', hash, user)
+  end
+end
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i] .. '\031' .. ARGV[i + 1], ARGV[i + 2])
+  redis.call('HINCRBY', ARGV[1] .. ':presence:{' .. ARGV[i] .. '}', ARGV[i + 1], ARGV[i + 2])
+end
+return 1
+";
 
 /// Where a Redis broker connects and what it names.
 #[derive(Debug, Clone)]
@@ -221,6 +244,10 @@ pub struct RedisBroker {
     tails: Mutex<HashMap<Arc<str>, RoomTail>>,
     /// One stream read per room at a time; waiters then find the tail filled.
     reads_in_flight: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    /// This node's own presence contributions: connections per (room, user).
+    presence_mirror: Mutex<HashMap<(Arc<str>, Arc<str>), i64>>,
+    /// Presence changes and resyncs take turns, so the mirror and Redis agree.
+    presence_turn: tokio::sync::Mutex<()>,
     deliveries: mpsc::UnboundedSender<Delivery>,
     counters: Counters,
     publish_script: Script,
@@ -228,6 +255,7 @@ pub struct RedisBroker {
     presence_add_script: Script,
     presence_remove_script: Script,
     liveness_script: Script,
+    presence_resync_script: Script,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -279,6 +307,8 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             tails: Mutex::new(HashMap::new()),
             reads_in_flight: Mutex::new(HashMap::new()),
+            presence_mirror: Mutex::new(HashMap::new()),
+            presence_turn: tokio::sync::Mutex::new(()),
             deliveries,
             counters: Counters {
                 channels: AtomicUsize::new(1),
@@ -289,6 +319,7 @@ impl RedisBroker {
             presence_add_script: Script::new(PRESENCE_ADD_SCRIPT),
             presence_remove_script: Script::new(PRESENCE_REMOVE_SCRIPT),
             liveness_script: Script::new(LIVENESS_SCRIPT),
+            presence_resync_script: Script::new(PRESENCE_RESYNC_SCRIPT),
         });
         tokio::spawn(supervise_subscriber(Arc::downgrade(&broker)));
         tokio::spawn(keep_alive(Arc::downgrade(&broker)));
@@ -361,41 +392,40 @@ impl RedisBroker {
             .map(|(room, tail)| (room.clone(), tail.dispatched))
             .collect();
         for (room, dispatched) in rooms {
-            match self.read_stream(&room).await {
-                Ok(Some(snapshot)) => {
-                    let mut recovered = 0;
-                    let continuous = dispatched.is_none_or(|last| last >= snapshot.complete_after);
-                    if !continuous {
-                        // The stream no longer reaches back to what this
-                        // node delivered (Redis restarted empty, or trimmed):
-                        // forget the tail rather than claim continuity.
-                        tracing::warn!(%room, "room history lost in Redis; resumes will say recovered:false");
-                        if let Some(tail) = lock(&self.tails).get_mut(&room) {
-                            tail.log = RoomLog::new(None);
-                        }
+            let mut attempt = 0;
+            let snapshot = loop {
+                match self.read_stream(&room).await {
+                    Ok(snapshot) => break snapshot,
+                    // The command connection may still be reconnecting.
+                    Err(err) if attempt < 10 => {
+                        tracing::debug!(%room, error = %err, "catch-up read failed; retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
                     }
-                    for frame in snapshot.messages {
-                        if frame.id > dispatched {
-                            recovered += 1;
-                            self.dispatch_room(room.clone(), frame.id, frame.text.clone());
-                        }
-                    }
-                    if recovered > 0 {
-                        self.counters
-                            .gap_messages_recovered
-                            .fetch_add(recovered, Ordering::Relaxed);
-                        tracing::info!(%room, recovered, "delivered messages missed while disconnected");
+                    Err(err) => {
+                        tracing::error!(%room, error = %err, "catching up a room failed; its members may have missed messages");
+                        break None;
                     }
                 }
-                Ok(None) => {
-                    if dispatched.is_some() {
-                        tracing::warn!(%room, "room stream gone from Redis; resumes will say recovered:false");
-                    }
-                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
-                        tail.log = RoomLog::new(None);
-                    }
+            };
+            let Some(snapshot) = snapshot else {
+                continue;
+            };
+            if dispatched.is_some_and(|last| last < snapshot.complete_after) {
+                tracing::warn!(%room, "the stream no longer reaches back to what this node delivered (Redis restarted empty, or trimmed); members may have missed messages");
+            }
+            let mut recovered = 0;
+            for frame in snapshot.messages {
+                if frame.id > dispatched {
+                    recovered += 1;
+                    self.dispatch_room(room.clone(), frame.id, frame.text.clone());
                 }
-                Err(err) => tracing::warn!(%room, error = %err, "catching up a room failed"),
+            }
+            if recovered > 0 {
+                self.counters
+                    .gap_messages_recovered
+                    .fetch_add(recovered, Ordering::Relaxed);
+                tracing::info!(%room, recovered, "delivered messages missed while disconnected");
             }
         }
     }
@@ -532,12 +562,18 @@ impl RedisBroker {
             }
             subscriptions.sink = Some(sink);
         }
-        self.up.store(true, Ordering::Release);
-        tracing::info!(reconnected, "subscribed to Redis");
         if reconnected {
             self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
             self.catch_up_rooms().await;
         }
+        if reconnected {
+            if let Err(err) = self.resync_presence().await {
+                tracing::warn!(error = %err, "restoring presence after a reconnect failed");
+            }
+        }
+        // Ready only once caught up: no resume is served from a stale tail.
+        self.up.store(true, Ordering::Release);
+        tracing::info!(reconnected, "subscribed to Redis");
         let mut ping = tokio::time::interval(Duration::from_secs(5));
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -560,12 +596,17 @@ impl RedisBroker {
         }
         self.up.store(false, Ordering::Release);
         self.subscriptions.lock().await.sink = None;
+        // A tail is gap-free only within one connected period (Redis may
+        // even come back empty): resumes go to the stream until it refills.
+        for tail in lock(&self.tails).values_mut() {
+            tail.log = RoomLog::new(None);
+        }
         tracing::warn!("lost the Redis subscriber connection; reconnecting");
     }
 
     async fn keep_alive_once(&self, first: bool) -> Result<(), RedisError> {
         let mut commands = self.commands.clone();
-        let reaped: i64 = self
+        let (reaped, registered): (i64, i64) = self
             .liveness_script
             .key(self.keys.nodes())
             .arg(&self.settings.node_id)
@@ -577,6 +618,27 @@ impl RedisBroker {
         if reaped > 0 && !first {
             tracing::info!(nodes = reaped, "reaped the presence of silent nodes");
         }
+        if registered == 0 && !first {
+            tracing::warn!(
+                "Redis had forgotten this node (restarted, or reaped it); restoring its presence"
+            );
+            self.resync_presence().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes this node's presence, as it really is, over what Redis has.
+    async fn resync_presence(&self) -> Result<(), RedisError> {
+        let _turn = self.presence_turn.lock().await;
+        let mut invocation = self
+            .presence_resync_script
+            .key(self.keys.node_presence(&self.settings.node_id));
+        invocation.arg(&self.settings.prefix);
+        for ((room, user), connections) in lock(&self.presence_mirror).iter() {
+            invocation.arg(&**room).arg(&**user).arg(*connections);
+        }
+        let mut commands = self.commands.clone();
+        let _: i64 = invocation.invoke_async(&mut commands).await?;
         Ok(())
     }
 }
@@ -834,7 +896,7 @@ impl Broker for RedisBroker {
         user: &'a str,
         event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
-        self.presence_change(&self.presence_add_script, room, user, event)
+        self.presence_change(&self.presence_add_script, 1, room, user, event)
             .boxed()
     }
 
@@ -844,7 +906,7 @@ impl Broker for RedisBroker {
         user: &'a str,
         event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
-        self.presence_change(&self.presence_remove_script, room, user, event)
+        self.presence_change(&self.presence_remove_script, -1, room, user, event)
             .boxed()
     }
 
@@ -867,10 +929,12 @@ impl RedisBroker {
     async fn presence_change(
         &self,
         script: &Script,
+        delta: i64,
         room: &str,
         user: &str,
         event: Utf8Bytes,
     ) -> Result<bool, BrokerError> {
+        let _turn = self.presence_turn.lock().await;
         let mut commands = self.commands.clone();
         let changed: i64 = script
             .key(self.keys.presence(room))
@@ -882,6 +946,14 @@ impl RedisBroker {
             .invoke_async(&mut commands)
             .await
             .map_err(unavailable)?;
+        let mut mirror = lock(&self.presence_mirror);
+        let entry = mirror
+            .entry((Arc::from(room), Arc::from(user)))
+            .or_insert(0);
+        *entry += delta;
+        if *entry <= 0 {
+            mirror.remove(&(Arc::from(room), Arc::from(user)));
+        }
         Ok(changed == 1)
     }
 }

@@ -10,4 +10,5 @@ mod http;
 mod lifecycle;
 mod limits;
 mod load;
+mod redis;
 mod resume;
