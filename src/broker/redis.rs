@@ -245,7 +245,7 @@ pub struct RedisBroker {
     /// One stream read per room at a time; waiters then find the tail filled.
     reads_in_flight: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// This node's own presence contributions: connections per (room, user).
-    presence_mirror: Mutex<HashMap<(Arc<str>, Arc<str>), i64>>,
+    presence_mirror: Mutex<HashMap<RoomUser, i64>>,
     /// Presence changes and resyncs take turns, so the mirror and Redis agree.
     presence_turn: tokio::sync::Mutex<()>,
     deliveries: mpsc::UnboundedSender<Delivery>,
@@ -642,6 +642,9 @@ impl RedisBroker {
         Ok(())
     }
 }
+
+/// (room, user)
+type RoomUser = (Arc<str>, Arc<str>);
 
 /// A read of a room's stream.
 struct Snapshot {
