@@ -98,21 +98,20 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, pe
     };
     let liveness = Arc::new(Liveness::new());
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(
-        Writer {
-            sink,
-            outbound,
-            close: mailbox.close.clone(),
-            liveness: liveness.clone(),
-            heartbeat: node.config.heartbeat_interval,
-            cursors: Cursors::new(node.config.client_queue),
-            stats: node.stats.clone(),
-        }
-        .run(),
-    );
+    let writer = Writer {
+        sink,
+        outbound,
+        close: mailbox.close.clone(),
+        liveness: liveness.clone(),
+        heartbeat: node.config.heartbeat_interval,
+        cursors: Cursors::new(node.config.client_queue),
+        stats: node.stats.clone(),
+    };
     tracing::info!(conn = %conn_name, %user, %peer, "connected");
 
-    // Queued before the hub can deliver anything: `welcome` is always first.
+    // `welcome` is queued first and written only once the hub (and, with
+    // Redis, the user's channel) has the connection: a client that has its
+    // welcome is reachable, and nothing is ever written before it.
     let welcome = ServerFrame::Welcome {
         conn: &conn_name,
         user: &user,
@@ -121,7 +120,9 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, pe
     }
     .encode();
     mailbox.offer(Outbound::Frame(welcome.into()), &node.stats);
-    let reason = match node.hub.connect(conn, user.clone(), mailbox.clone()).await {
+    let registered = node.hub.connect(conn, user.clone(), mailbox.clone()).await;
+    let writer = tokio::spawn(writer.run());
+    let reason = match registered {
         Ok(()) => {
             if node.is_draining() {
                 mailbox.close.close(CloseReason::DRAINING);
