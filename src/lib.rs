@@ -12,6 +12,7 @@ pub mod config;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod node;
 pub mod protocol;
 pub mod session;

@@ -22,6 +22,7 @@ use crate::broker::memory::now_ms;
 use crate::broker::Channel;
 use crate::config::Config;
 use crate::hub::{CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound};
+use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
     encode_error, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate, Parsed,
@@ -128,7 +129,7 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, pe
                 mailbox.close.close(CloseReason::DRAINING);
             }
             let mut reader = Reader {
-                bucket: TokenBucket::new(node.config.rate_limit, node.config.rate_burst),
+                bucket: TokenBucket::new(node.config.rate_limit, node.config.rate_burst as f64),
                 node: node.clone(),
                 conn,
                 identity,
@@ -592,37 +593,6 @@ fn reason_for_read_error(err: axum::Error) -> CloseReason {
     }
 }
 
-/// Token bucket: `rate` frames per second, bursts of up to `burst`.
-struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
-        TokenBucket {
-            rate,
-            burst: burst as f64,
-            tokens: burst as f64,
-            last: Instant::now(),
-        }
-    }
-
-    fn try_take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The writer's view of each joined room: the last id written (to drop
 /// duplicates between a join's replay and live frames) and, while a join's
 /// catch-up is being read, the live frames held back until it arrives.
@@ -931,21 +901,5 @@ mod tests {
         assert!(!cursors.overflowed);
         run(&mut cursors, vec![Outbound::Room(frame("r", Some(3), "3"))]);
         assert!(cursors.overflowed);
-    }
-
-    #[test]
-    fn the_token_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(10.0, 3);
-        bucket.last = start;
-        assert!((0..3).all(|_| bucket.try_take(start)));
-        assert!(!bucket.try_take(start));
-        assert!(!bucket.try_take(start + Duration::from_millis(50)));
-        assert!(bucket.try_take(start + Duration::from_millis(110)));
-        assert!(!bucket.try_take(start + Duration::from_millis(120)));
-        // Idle time refills up to the burst, not beyond.
-        let later = start + Duration::from_secs(10);
-        assert!((0..3).all(|_| bucket.try_take(later)));
-        assert!(!bucket.try_take(later));
     }
 }
