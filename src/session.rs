@@ -478,7 +478,11 @@ impl Reader {
                     node.hub.leave(self.conn, &room).await;
                 }
                 let error = self.error_text(&unavailable(err), reference);
-                self.offer(Outbound::JoinFailed { room, error });
+                self.offer(Outbound::JoinFailed {
+                    room,
+                    error,
+                    still_member: rejoin,
+                });
             }
         }
         Ok(())
@@ -670,9 +674,19 @@ impl Cursors {
                     cursor.pass(frame, out);
                 }
             }
-            Outbound::JoinFailed { room, error } => {
-                self.rooms.remove(&room);
+            Outbound::JoinFailed {
+                room,
+                error,
+                still_member,
+            } => {
                 out.push(error);
+                if !still_member {
+                    self.rooms.remove(&room);
+                } else if let Some(cursor) = self.rooms.get_mut(&room) {
+                    for frame in cursor.held.take().unwrap_or_default() {
+                        cursor.pass(&frame, out);
+                    }
+                }
             }
             Outbound::Left { room, text } => {
                 self.rooms.remove(&room);
@@ -853,6 +867,7 @@ mod tests {
                 Outbound::JoinFailed {
                     room: "a".into(),
                     error: "error".into(),
+                    still_member: false,
                 },
                 Outbound::Room(frame("a", Some(9), "a9")),
             ],
@@ -885,6 +900,33 @@ mod tests {
             ],
         );
         assert_eq!(out, vec!["joined", "m5", "m6", "joined", "m7"]);
+    }
+
+    #[test]
+    fn a_failed_rejoin_keeps_the_live_frames_it_held() {
+        let mut cursors = Cursors::new(100);
+        let out = run(
+            &mut cursors,
+            vec![
+                Outbound::JoinStarted("r".into()),
+                Outbound::JoinCompleted(Box::new(JoinCompletion {
+                    room: "r".into(),
+                    since: None,
+                    replay: vec![],
+                    joined: "joined".into(),
+                })),
+                Outbound::Room(frame("r", Some(1), "m1")),
+                Outbound::JoinStarted("r".into()),
+                Outbound::Room(frame("r", Some(2), "m2")),
+                Outbound::JoinFailed {
+                    room: "r".into(),
+                    error: "error".into(),
+                    still_member: true,
+                },
+                Outbound::Room(frame("r", Some(3), "m3")),
+            ],
+        );
+        assert_eq!(out, vec!["joined", "m1", "error", "m2", "m3"]);
     }
 
     #[test]

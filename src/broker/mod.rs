@@ -46,6 +46,10 @@ pub enum Delivery {
     User { user: Arc<str>, text: Utf8Bytes },
     /// To every local connection.
     Broadcast(Utf8Bytes),
+    /// The node could not keep the room gap-free (its history no longer
+    /// reaches back to what it delivered): the room's local members must
+    /// reconnect and resume, and will learn what is lost.
+    Resync(Arc<str>),
 }
 
 /// Whether the broker can currently carry messages.

@@ -31,7 +31,8 @@ use redis::{Client, RedisError, Script, Value};
 use tokio::sync::mpsc;
 
 use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
-use crate::history::log::RoomLog;
+use crate::broker::memory::now_ms;
+use crate::history::log::{predecessor, RoomLog};
 use crate::history::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
 
@@ -93,14 +94,12 @@ return 0
 /// Marks this node alive and reaps nodes silent for longer than the TTL
 /// (returns how many, and whether this node was still registered):
 /// their users leave every room they were in (with a `leave` event).
-/// KEYS: nodes. ARGV: node, ttl ms, key prefix, '1' to first drop this
-/// node's own leftovers (a restart under the same NODE_ID).
+/// KEYS: nodes. ARGV: node, ttl ms, key prefix.
 /// The `leave` frame is built here, not by the node that left, because that
 /// node is gone; names never contain characters JSON would escape.
 const LIVENESS_SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[4] == '1' then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
 local registered = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 for _, node in ipairs(dead) do
@@ -248,6 +247,13 @@ pub struct RedisBroker {
     presence_mirror: Mutex<HashMap<RoomUser, i64>>,
     /// Presence changes and resyncs take turns, so the mirror and Redis agree.
     presence_turn: tokio::sync::Mutex<()>,
+    /// A presence update could not reach Redis: resync at the next chance.
+    presence_dirty: AtomicBool,
+    /// The subscriber's sink, for pings that must not wait behind a
+    /// (possibly hung) SUBSCRIBE holding `subscriptions`.
+    pinger: Mutex<Option<PubSubSink>>,
+    /// Asks the subscriber task to drop its connection and start over.
+    reconnect: tokio::sync::Notify,
     deliveries: mpsc::UnboundedSender<Delivery>,
     counters: Counters,
     publish_script: Script,
@@ -263,6 +269,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// Longest wait for a SUBSCRIBE or UNSUBSCRIBE confirmation; past it the
+/// subscriber connection is considered broken.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn unavailable(err: RedisError) -> BrokerError {
     BrokerError::Unavailable(format!("redis: {err}"))
@@ -309,6 +319,9 @@ impl RedisBroker {
             reads_in_flight: Mutex::new(HashMap::new()),
             presence_mirror: Mutex::new(HashMap::new()),
             presence_turn: tokio::sync::Mutex::new(()),
+            presence_dirty: AtomicBool::new(false),
+            pinger: Mutex::new(None),
+            reconnect: tokio::sync::Notify::new(),
             deliveries,
             counters: Counters {
                 channels: AtomicUsize::new(1),
@@ -385,7 +398,10 @@ impl RedisBroker {
     }
 
     /// After the subscriber reconnected: every subscribed room's messages
-    /// published while it was away, from the stream, in order.
+    /// published while it was away, from the stream, in order. Where that
+    /// is impossible (the gap is longer than the stream, ids went
+    /// backwards, Redis cannot be read), the room's local members are told
+    /// to reconnect and resume, and learn `recovered:false` from it.
     async fn catch_up_rooms(&self) {
         let rooms: Vec<(Arc<str>, Option<MessageId>)> = lock(&self.tails)
             .iter()
@@ -393,40 +409,108 @@ impl RedisBroker {
             .collect();
         for (room, dispatched) in rooms {
             let mut attempt = 0;
-            let snapshot = loop {
+            let read = loop {
                 match self.read_stream(&room).await {
-                    Ok(snapshot) => break snapshot,
+                    Ok(snapshot) => break Ok(snapshot),
                     // The command connection may still be reconnecting.
-                    Err(err) if attempt < 10 => {
+                    Err(err) if attempt < 8 => {
                         tracing::debug!(%room, error = %err, "catch-up read failed; retrying");
                         tokio::time::sleep(backoff(attempt)).await;
                         attempt += 1;
                     }
-                    Err(err) => {
-                        tracing::error!(%room, error = %err, "catching up a room failed; its members may have missed messages");
-                        break None;
+                    Err(err) => break Err(err),
+                }
+            };
+            match read {
+                Err(err) => {
+                    tracing::error!(%room, error = %err, "cannot catch up a room; its members will resume");
+                    self.resync_room(&room, None);
+                }
+                Ok(None) => {
+                    // Redis came back without this room's stream. Messages
+                    // were refused while it was away, so members keep going;
+                    // resumes from before the outage will say recovered:false.
+                    if dispatched.is_some() {
+                        tracing::warn!(%room, "room history is gone from Redis");
+                    }
+                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
+                        tail.dispatched = None;
+                        tail.log.assume_complete_after(MessageId::new(now_ms(), 0));
                     }
                 }
-            };
-            let Some(snapshot) = snapshot else {
-                continue;
-            };
-            if dispatched.is_some_and(|last| last < snapshot.complete_after) {
-                tracing::warn!(%room, "the stream no longer reaches back to what this node delivered (Redis restarted empty, or trimmed); members may have missed messages");
-            }
-            let mut recovered = 0;
-            for frame in snapshot.messages {
-                if frame.id > dispatched {
-                    recovered += 1;
-                    self.dispatch_room(room.clone(), frame.id, frame.text.clone());
+                Ok(Some(snapshot)) => {
+                    let newest = snapshot.messages.last().and_then(|m| m.id);
+                    let broken = dispatched.is_some_and(|last| {
+                        last < snapshot.complete_after || newest.is_some_and(|newest| newest < last)
+                    });
+                    if broken {
+                        tracing::warn!(%room, "the stream no longer covers what this node delivered; its members will resume");
+                        self.resync_room(&room, Some(snapshot));
+                        continue;
+                    }
+                    let mut recovered = 0;
+                    for frame in &snapshot.messages {
+                        if frame.id > dispatched {
+                            recovered += 1;
+                            self.dispatch_room(room.clone(), frame.id, frame.text.clone());
+                        }
+                    }
+                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
+                        tail.log.merge(
+                            snapshot.messages,
+                            snapshot.complete_after,
+                            self.settings.history_size,
+                        );
+                    }
+                    if recovered > 0 {
+                        self.counters
+                            .gap_messages_recovered
+                            .fetch_add(recovered, Ordering::Relaxed);
+                        tracing::info!(%room, recovered, "delivered messages missed while disconnected");
+                    }
                 }
             }
-            if recovered > 0 {
-                self.counters
-                    .gap_messages_recovered
-                    .fetch_add(recovered, Ordering::Relaxed);
-                tracing::info!(%room, recovered, "delivered messages missed while disconnected");
+        }
+    }
+
+    /// Starts a room's tail afresh and tells its local members to resume.
+    fn resync_room(&self, room: &Arc<str>, snapshot: Option<Snapshot>) {
+        if let Some(tail) = lock(&self.tails).get_mut(room) {
+            tail.log = RoomLog::new(None);
+            tail.dispatched = None;
+            if let Some(snapshot) = snapshot {
+                tail.dispatched = snapshot.messages.last().and_then(|m| m.id);
+                tail.log.merge(
+                    snapshot.messages,
+                    snapshot.complete_after,
+                    self.settings.history_size,
+                );
             }
+        }
+        self.deliver(Delivery::Resync(room.clone()));
+    }
+
+    /// Fills a newly subscribed room's tail from its stream and sets the
+    /// dedup floor there: the node starts its record of the room complete.
+    async fn seed_tail(&self, room: &Arc<str>) {
+        let read = self.read_stream(room).await;
+        let mut tails = lock(&self.tails);
+        let Some(tail) = tails.get_mut(room) else {
+            return;
+        };
+        match read {
+            Ok(Some(snapshot)) => {
+                let newest = snapshot.messages.last().and_then(|m| m.id);
+                tail.dispatched = tail.dispatched.max(newest);
+                tail.log.merge(
+                    snapshot.messages,
+                    snapshot.complete_after,
+                    self.settings.history_size,
+                );
+            }
+            // No stream: everything from here on is in the tail.
+            Ok(None) => tail.log.assume_complete_after(MessageId::new(now_ms(), 0)),
+            Err(err) => tracing::debug!(%room, error = %err, "seeding a room's tail failed"),
         }
     }
 
@@ -463,33 +547,25 @@ impl RedisBroker {
         }
         let snapshot = self.read_stream(&room).await;
         lock(&self.reads_in_flight).remove(&room);
-        let Some(snapshot) = snapshot? else {
-            return Ok(Replay {
-                messages: Vec::new(),
-                recovered: !matches!(catch_up, CatchUp::Since(_)),
-            });
-        };
+        let snapshot = snapshot?;
         let mut tails = lock(&self.tails);
-        match tails.get_mut(&room) {
-            // Subscribed (the normal case for a join): keep it for the next one.
-            Some(tail) => {
-                tail.log.merge(
-                    snapshot.messages,
-                    snapshot.complete_after,
-                    self.settings.history_size,
-                );
-                Ok(tail.log.read(catch_up).unwrap_or_default())
-            }
-            None => {
-                let mut log = RoomLog::new(None);
-                log.merge(
-                    snapshot.messages,
-                    snapshot.complete_after,
-                    self.settings.history_size,
-                );
-                Ok(log.read(catch_up).unwrap_or_default())
-            }
+        let mut unsubscribed = RoomLog::new(None);
+        // Subscribed (the normal case for a join): keep the read for the next one.
+        let log = match tails.get_mut(&room) {
+            Some(tail) => &mut tail.log,
+            None => &mut unsubscribed,
+        };
+        match snapshot {
+            Some(snapshot) => log.merge(
+                snapshot.messages,
+                snapshot.complete_after,
+                self.settings.history_size,
+            ),
+            // No stream (never written, expired, or Redis restarted empty):
+            // whatever `since` is, it cannot be shown complete.
+            None => log.assume_complete_after(MessageId::new(now_ms(), 0)),
         }
+        Ok(log.read(catch_up).unwrap_or_default())
     }
 
     fn read_tail(&self, room: &Arc<str>, catch_up: CatchUp) -> Option<Replay> {
@@ -502,20 +578,44 @@ impl RedisBroker {
             *count += 1;
             return Ok(());
         }
-        let sink = subscriptions
+        let mut sink = subscriptions
             .sink
-            .as_mut()
+            .clone()
             .ok_or_else(|| BrokerError::Unavailable("not connected to Redis".into()))?;
-        sink.subscribe(self.keys.channel(&channel))
-            .await
-            .map_err(unavailable)?;
+        // The tail exists before the SUBSCRIBE: nothing delivered after the
+        // confirmation is dropped as "not subscribed here".
         if let Channel::Room(room) = &channel {
             lock(&self.tails).insert(room.clone(), RoomTail::default());
         }
-        subscriptions.counts.insert(channel, 1);
+        let confirmed = tokio::time::timeout(
+            SUBSCRIBE_TIMEOUT,
+            sink.subscribe(self.keys.channel(&channel)),
+        )
+        .await;
+        let failure = match confirmed {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => Some(unavailable(err)),
+            Err(_) => {
+                self.reconnect.notify_one();
+                Some(BrokerError::Unavailable(
+                    "Redis did not confirm a SUBSCRIBE".into(),
+                ))
+            }
+        };
+        if let Some(err) = failure {
+            if let Channel::Room(room) = &channel {
+                lock(&self.tails).remove(room);
+            }
+            return Err(err);
+        }
+        subscriptions.counts.insert(channel.clone(), 1);
         self.counters
             .channels
             .store(subscriptions.counts.len(), Ordering::Relaxed);
+        drop(subscriptions);
+        if let Channel::Room(room) = &channel {
+            self.seed_tail(room).await;
+        }
         Ok(())
     }
 
@@ -536,18 +636,35 @@ impl RedisBroker {
             // Its tail can no longer be kept gap-free.
             lock(&self.tails).remove(room);
         }
-        match subscriptions.sink.as_mut() {
-            Some(sink) => sink
-                .unsubscribe(self.keys.channel(&channel))
-                .await
-                .map_err(unavailable),
-            // Not resubscribed on reconnect, since it is no longer counted.
-            None => Ok(()),
+        // Not connected: nothing to undo, and it is not resubscribed on
+        // reconnect since it is no longer counted.
+        let Some(mut sink) = subscriptions.sink.clone() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(
+            SUBSCRIBE_TIMEOUT,
+            sink.unsubscribe(self.keys.channel(&channel)),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => {
+                self.reconnect.notify_one();
+                Err(BrokerError::Unavailable(
+                    "Redis did not confirm an UNSUBSCRIBE".into(),
+                ))
+            }
         }
     }
 
-    /// One connected period of the subscriber: resubscribe, catch up, forward.
-    async fn run_subscriber(&self, sink: PubSubSink, mut stream: PubSubStream, reconnected: bool) {
+    /// One connected period of the subscriber: resubscribe, catch up,
+    /// restore presence, then forward messages until the connection fails.
+    async fn run_subscriber(
+        &self,
+        mut sink: PubSubSink,
+        mut stream: PubSubStream,
+        reconnected: bool,
+    ) {
         {
             let mut subscriptions = self.subscriptions.lock().await;
             let names: Vec<String> = subscriptions
@@ -555,21 +672,29 @@ impl RedisBroker {
                 .keys()
                 .map(|c| self.keys.channel(c))
                 .collect();
-            let mut sink = sink;
-            if let Err(err) = sink.subscribe(&names).await {
-                tracing::warn!(error = %err, "resubscribing failed");
-                return;
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&names)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "resubscribing failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("resubscribing timed out");
+                    return;
+                }
             }
-            subscriptions.sink = Some(sink);
+            subscriptions.sink = Some(sink.clone());
+            *lock(&self.pinger) = Some(sink);
         }
         if reconnected {
             self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
             self.catch_up_rooms().await;
         }
-        if reconnected {
-            if let Err(err) = self.resync_presence().await {
-                tracing::warn!(error = %err, "restoring presence after a reconnect failed");
-            }
+        // Also on the first connection: it clears what a previous process
+        // with this NODE_ID left behind.
+        if let Err(err) = self.resync_presence().await {
+            tracing::warn!(error = %err, "restoring presence failed; retrying later");
+            self.presence_dirty.store(true, Ordering::Release);
         }
         // Ready only once caught up: no resume is served from a stale tail.
         self.up.store(true, Ordering::Release);
@@ -582,10 +707,14 @@ impl RedisBroker {
                     Some(message) => self.on_message(message.get_channel_name(), message.get_payload_bytes()),
                     None => break,
                 },
+                _ = self.reconnect.notified() => {
+                    tracing::warn!("Redis stopped confirming subscriptions");
+                    break;
+                }
                 _ = ping.tick() => {
-                    let sink = self.subscriptions.lock().await.sink.clone();
-                    if let Some(mut sink) = sink {
-                        let alive = tokio::time::timeout(Duration::from_secs(3), sink.ping::<Value>()).await;
+                    let pinger = lock(&self.pinger).clone();
+                    if let Some(mut pinger) = pinger {
+                        let alive = tokio::time::timeout(Duration::from_secs(3), pinger.ping::<Value>()).await;
                         if !matches!(alive, Ok(Ok(_))) {
                             tracing::warn!("Redis subscriber stopped answering pings");
                             break;
@@ -595,16 +724,17 @@ impl RedisBroker {
             }
         }
         self.up.store(false, Ordering::Release);
+        *lock(&self.pinger) = None;
         self.subscriptions.lock().await.sink = None;
         // A tail is gap-free only within one connected period (Redis may
-        // even come back empty): resumes go to the stream until it refills.
+        // even come back empty): the catch-up refills it.
         for tail in lock(&self.tails).values_mut() {
             tail.log = RoomLog::new(None);
         }
         tracing::warn!("lost the Redis subscriber connection; reconnecting");
     }
 
-    async fn keep_alive_once(&self, first: bool) -> Result<(), RedisError> {
+    async fn keep_alive_once(&self) -> Result<(), RedisError> {
         let mut commands = self.commands.clone();
         let (reaped, registered): (i64, i64) = self
             .liveness_script
@@ -612,16 +742,16 @@ impl RedisBroker {
             .arg(&self.settings.node_id)
             .arg(self.settings.node_ttl.as_millis() as u64)
             .arg(&self.settings.prefix)
-            .arg(if first { "1" } else { "0" })
             .invoke_async(&mut commands)
             .await?;
-        if reaped > 0 && !first {
+        if reaped > 0 {
             tracing::info!(nodes = reaped, "reaped the presence of silent nodes");
         }
-        if registered == 0 && !first {
-            tracing::warn!(
-                "Redis had forgotten this node (restarted, or reaped it); restoring its presence"
-            );
+        let dirty = self.presence_dirty.load(Ordering::Acquire);
+        if registered == 0 || dirty {
+            if registered == 0 {
+                tracing::info!("Redis did not know this node (new, restarted, or reaped it); writing its presence");
+            }
             self.resync_presence().await?;
         }
         Ok(())
@@ -637,9 +767,13 @@ impl RedisBroker {
         for ((room, user), connections) in lock(&self.presence_mirror).iter() {
             invocation.arg(&**room).arg(&**user).arg(*connections);
         }
+        self.presence_dirty.store(false, Ordering::Release);
         let mut commands = self.commands.clone();
-        let _: i64 = invocation.invoke_async(&mut commands).await?;
-        Ok(())
+        let result: Result<i64, RedisError> = invocation.invoke_async(&mut commands).await;
+        if result.is_err() {
+            self.presence_dirty.store(true, Ordering::Release);
+        }
+        result.map(|_| ())
     }
 }
 
@@ -659,14 +793,6 @@ fn split_room_payload(payload: &str) -> Option<(Option<MessageId>, &str)> {
         return Some((None, frame));
     }
     Some((Some(id.parse().ok()?), frame))
-}
-
-fn predecessor(id: MessageId) -> MessageId {
-    match id.seq.checked_sub(1) {
-        Some(seq) => MessageId::new(id.ms, seq),
-        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
-        None => MessageId::ZERO,
-    }
 }
 
 fn parse_snapshot(
@@ -726,9 +852,11 @@ fn parse_snapshot(
             text: template.with_id(id).into(),
         }));
     }
-    // Trimming records the largest deleted id; an untrimmed stream is
-    // complete from just below its first entry. A read capped at
-    // HISTORY_SIZE is complete only from just below what it returned.
+    // A stream with deletions recorded is complete after the largest deleted
+    // id; otherwise from just below its first entry. `MAXLEN ~` trimming
+    // keeps at least HISTORY_SIZE entries (and Redis 7.0 does not record
+    // what it trims), so a capped read is complete only from just below
+    // the oldest entry it returned.
     let mut complete_after = if deleted > MessageId::ZERO {
         deleted
     } else {
@@ -784,15 +912,13 @@ async fn supervise_subscriber(broker: std::sync::Weak<RedisBroker>) {
 }
 
 async fn keep_alive(broker: std::sync::Weak<RedisBroker>) {
-    let mut first = true;
     loop {
         let Some(strong) = broker.upgrade() else {
             return;
         };
         let every = strong.settings.node_ttl / 3;
-        match strong.keep_alive_once(first).await {
-            Ok(()) => first = false,
-            Err(err) => tracing::debug!(error = %err, "liveness update failed"),
+        if let Err(err) = strong.keep_alive_once().await {
+            tracing::debug!(error = %err, "liveness update failed");
         }
         drop(strong);
         tokio::time::sleep(every).await;
@@ -938,8 +1064,19 @@ impl RedisBroker {
         event: Utf8Bytes,
     ) -> Result<bool, BrokerError> {
         let _turn = self.presence_turn.lock().await;
+        // The node's own record changes whatever Redis says: it is the truth
+        // a resync writes back after an outage.
+        {
+            let mut mirror = lock(&self.presence_mirror);
+            let key = (Arc::from(room), Arc::from(user));
+            let entry = mirror.entry(key.clone()).or_insert(0);
+            *entry += delta;
+            if *entry <= 0 {
+                mirror.remove(&key);
+            }
+        }
         let mut commands = self.commands.clone();
-        let changed: i64 = script
+        let changed: Result<i64, RedisError> = script
             .key(self.keys.presence(room))
             .key(self.keys.node_presence(&self.settings.node_id))
             .arg(user)
@@ -947,17 +1084,14 @@ impl RedisBroker {
             .arg(self.keys.channel(&Channel::Room(Arc::from(room))))
             .arg(event.as_str())
             .invoke_async(&mut commands)
-            .await
-            .map_err(unavailable)?;
-        let mut mirror = lock(&self.presence_mirror);
-        let entry = mirror
-            .entry((Arc::from(room), Arc::from(user)))
-            .or_insert(0);
-        *entry += delta;
-        if *entry <= 0 {
-            mirror.remove(&(Arc::from(room), Arc::from(user)));
+            .await;
+        match changed {
+            Ok(changed) => Ok(changed == 1),
+            Err(err) => {
+                self.presence_dirty.store(true, Ordering::Release);
+                Err(unavailable(err))
+            }
         }
-        Ok(changed == 1)
     }
 }
 

@@ -75,6 +75,17 @@ impl RoomLog {
         self.trim(capacity);
     }
 
+    /// Declares the log complete after `floor` (or from its first message,
+    /// if that is earlier): the source was read and had nothing more.
+    pub fn assume_complete_after(&mut self, floor: MessageId) {
+        let first = self.messages.front().and_then(|m| m.id);
+        let floor = match first {
+            Some(first) if first <= floor => predecessor(first),
+            _ => floor,
+        };
+        self.complete_after = Some(floor);
+    }
+
     /// The catch-up from this log, or `None` when it does not reach back far
     /// enough to know.
     pub fn read(&self, catch_up: CatchUp) -> Option<Replay> {
@@ -109,6 +120,15 @@ impl RoomLog {
                 })
             }
         }
+    }
+}
+
+/// The largest id below `id`.
+pub fn predecessor(id: MessageId) -> MessageId {
+    match id.seq.checked_sub(1) {
+        Some(seq) => MessageId::new(id.ms, seq),
+        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
+        None => MessageId::ZERO,
     }
 }
 

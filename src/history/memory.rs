@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::log::RoomLog;
+use super::log::{predecessor, RoomLog};
 use super::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
 
@@ -169,15 +169,6 @@ impl RoomHistory {
             self.keys.remove(key);
             self.key_order.pop_front();
         }
-    }
-}
-
-/// The largest id below `id`.
-fn predecessor(id: MessageId) -> MessageId {
-    match id.seq.checked_sub(1) {
-        Some(seq) => MessageId::new(id.ms, seq),
-        None if id.ms > 0 => MessageId::new(id.ms - 1, u64::MAX),
-        None => MessageId::ZERO,
     }
 }
 

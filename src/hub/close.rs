@@ -36,6 +36,10 @@ impl CloseReason {
         CloseReason::server(close::TOKEN_EXPIRED, "token expired");
     pub const DRAINING: CloseReason =
         CloseReason::server(close::DRAINING, "node draining: reconnect");
+    pub const RESYNC: CloseReason = CloseReason::server(
+        close::DRAINING,
+        "messages may be missing: reconnect and resume",
+    );
     pub const HEARTBEAT_TIMEOUT: CloseReason =
         CloseReason::server(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
     pub const INTERNAL: CloseReason = CloseReason::server(close::INTERNAL, "internal error");

@@ -36,8 +36,13 @@ pub enum Outbound {
     /// The join's catch-up: replayed messages, then `joined`, then the held
     /// live frames that are newer than the replay.
     JoinCompleted(Box<JoinCompletion>),
-    /// The join failed: drop the held frames and send `error`.
-    JoinFailed { room: Arc<str>, error: Utf8Bytes },
+    /// The join failed: send `error`. A first join drops the held frames;
+    /// a re-join (still a member) writes them and carries on.
+    JoinFailed {
+        room: Arc<str>,
+        error: Utf8Bytes,
+        still_member: bool,
+    },
     /// The room was left: forget it and send `left`.
     Left { room: Arc<str>, text: Utf8Bytes },
 }
@@ -271,6 +276,16 @@ impl Hub {
                     connection
                         .mailbox
                         .offer(Outbound::Frame(text.clone()), stats);
+                }
+            }
+            Delivery::Resync(room) => {
+                for mailbox in registry
+                    .rooms
+                    .get(&room)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                {
+                    mailbox.close.close(CloseReason::RESYNC);
                 }
             }
         }
