@@ -1,6 +1,7 @@
-//! Who a connection is and what it may do. With `JWT_SECRET`, an HS256 JWT
-//! names the user (`sub`) and carries permissions; without it the node is
-//! in dev mode and trusts `?user=`.
+//! Who a connection is and what it may do. With `JWT_SECRET` (HS256) or
+//! `JWT_PUBLIC_KEY` (RS256 or ES256, from the key's type), a JWT names the
+//! user (`sub`) and carries permissions; without either the node is in dev
+//! mode and trusts `?user=`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,26 @@ pub enum AuthError {
     BadUser(String),
 }
 
+/// Why the configured key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read JWT_PUBLIC_KEY {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("JWT_PUBLIC_KEY {0} is neither an RSA nor an EC (P-256) public key in PEM")]
+    Unusable(String),
+}
+
+/// What tokens must satisfy beyond the signature.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRules {
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub leeway: Duration,
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
@@ -115,15 +136,57 @@ pub enum Authenticator {
 
 impl Authenticator {
     pub fn hs256(secret: &str, leeway: Duration) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.validate_aud = false;
-        Authenticator::Jwt {
-            key: Box::new(DecodingKey::from_secret(secret.as_bytes())),
-            validation: Box::new(validation),
-            leeway,
+        Self::jwt(
+            DecodingKey::from_secret(secret.as_bytes()),
+            Algorithm::HS256,
+            &TokenRules {
+                leeway,
+                ..TokenRules::default()
+            },
+        )
+    }
+
+    /// Verifies with `key`, accepting exactly one algorithm: a token that
+    /// names another one (`none` included) is refused.
+    pub fn jwt(key: DecodingKey, algorithm: Algorithm, rules: &TokenRules) -> Self {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = rules.leeway.as_secs();
+        let mut required = vec!["exp", "sub"];
+        match &rules.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
         }
+        if let Some(issuer) = &rules.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Authenticator::Jwt {
+            key: Box::new(key),
+            validation: Box::new(validation),
+            leeway: rules.leeway,
+        }
+    }
+
+    /// An RS256 or ES256 verifier from a PEM public key (the type decides).
+    pub fn from_public_key_file(
+        path: &std::path::Path,
+        rules: &TokenRules,
+    ) -> Result<Self, KeyError> {
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+            return Ok(Self::jwt(key, Algorithm::RS256, rules));
+        }
+        if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+            return Ok(Self::jwt(key, Algorithm::ES256, rules));
+        }
+        Err(KeyError::Unusable(path.display().to_string()))
     }
 
     pub fn is_dev(&self) -> bool {
@@ -176,6 +239,11 @@ impl Authenticator {
                 ErrorKind::MissingRequiredClaim(claim) => {
                     AuthError::Invalid(format!("the \"{claim}\" claim is required"))
                 }
+                ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience (aud)".into()),
+                ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer (iss)".into()),
+                ErrorKind::InvalidAlgorithm => {
+                    AuthError::Invalid("signed with an algorithm this node does not accept".into())
+                }
                 _ => AuthError::Invalid(err.to_string()),
             })?
             .claims;
@@ -193,6 +261,72 @@ impl Authenticator {
             expires_at: Some(claims.exp),
         })
     }
+}
+
+/// The claims of a token minted by `roomcast token`.
+#[derive(serde::Serialize)]
+struct MintedClaims<'a> {
+    sub: &'a str,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rooms: Option<&'a [String]>,
+    broadcast: bool,
+    publish: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+}
+
+/// Signs an HS256 token (for testing and scripts: `roomcast token`).
+pub fn mint_hs256(
+    secret: &str,
+    args: &crate::config::TokenArgs,
+    audience: Option<&str>,
+    issuer: Option<&str>,
+    now_secs: u64,
+) -> Result<String, AuthError> {
+    validate_user(&args.user).map_err(|r| AuthError::BadUser(r.message.into()))?;
+    let claims = MintedClaims {
+        sub: &args.user,
+        exp: now_secs + args.ttl.as_secs(),
+        rooms: (!args.rooms.is_empty()).then_some(args.rooms.as_slice()),
+        broadcast: args.broadcast,
+        publish: !args.read_only,
+        aud: audience,
+        iss: issuer,
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
+/// How long a ticket from `POST /auth/ticket` stays usable.
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+
+/// An unguessable token (192 bits from the OS), hex-encoded.
+pub fn random_ticket() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Whether `given` is one of `keys`, in time that does not depend on where
+/// a key first differs (nor on which key matched).
+pub fn key_matches(keys: &[String], given: &str) -> bool {
+    let given = given.as_bytes();
+    keys.iter().fold(false, |found, key| {
+        let key = key.as_bytes();
+        let mut diff = (key.len() ^ given.len()) as u8 | u8::from(key.len() != given.len());
+        for (i, k) in key.iter().enumerate() {
+            diff |= k ^ given.get(i).copied().unwrap_or(0);
+        }
+        found | (diff == 0)
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +387,91 @@ mod tests {
         assert!(matches!(auth.verify(&bad_sub), Err(AuthError::BadUser(_))));
     }
 
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    fn signed(algorithm: Algorithm, private_pem: &str, claims: serde_json::Value) -> String {
+        let pem = std::fs::read(fixture(private_pem)).unwrap();
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        encode(&Header::new(algorithm), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn public_keys_verify_rs256_and_es256_and_nothing_else() {
+        let rules = TokenRules::default();
+        let rsa = Authenticator::from_public_key_file(&fixture("rsa-public.pem"), &rules).unwrap();
+        let ec = Authenticator::from_public_key_file(&fixture("ec-public.pem"), &rules).unwrap();
+        let claims = json!({"sub":"alice","exp":now()+60});
+        let rs_token = signed(Algorithm::RS256, "rsa-private.pem", claims.clone());
+        let es_token = signed(Algorithm::ES256, "ec-private.pem", claims.clone());
+        assert_eq!(&*rsa.verify(&rs_token).unwrap().user, "alice");
+        assert_eq!(&*ec.verify(&es_token).unwrap().user, "alice");
+        assert!(rsa.verify(&es_token).is_err());
+        assert!(ec.verify(&rs_token).is_err());
+        // An HS256 token made with the public key as the secret (the classic
+        // algorithm confusion) is refused.
+        let public = std::fs::read(fixture("rsa-public.pem")).unwrap();
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&public),
+        )
+        .unwrap();
+        assert!(matches!(rsa.verify(&confused), Err(AuthError::Invalid(_))));
+        assert!(Authenticator::from_public_key_file(&fixture("README.md"), &rules).is_err());
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        use base64_url as b64;
+        let auth = Authenticator::hs256("k", Duration::from_secs(0));
+        let header = b64(r#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64(&format!(r#"{{"sub":"alice","exp":{}}}"#, now() + 60));
+        assert!(auth.verify(&format!("{header}.{body}.")).is_err());
+    }
+
+    /// Unpadded base64url, enough to forge tokens by hand.
+    fn base64_url(text: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let bytes = text.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |acc, b| (acc << 8) | *b as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn audience_and_issuer_are_enforced_when_configured() {
+        let rules = TokenRules {
+            audience: Some("chat".into()),
+            issuer: Some("https://id.example".into()),
+            leeway: Duration::from_secs(0),
+        };
+        let auth = Authenticator::jwt(DecodingKey::from_secret(b"k"), Algorithm::HS256, &rules);
+        let sign = |claims: serde_json::Value| token(claims, "k");
+        let good = sign(json!({"sub":"a","exp":now()+60,"aud":"chat","iss":"https://id.example"}));
+        assert!(auth.verify(&good).is_ok());
+        let wrong_aud =
+            sign(json!({"sub":"a","exp":now()+60,"aud":"other","iss":"https://id.example"}));
+        assert!(matches!(auth.verify(&wrong_aud), Err(AuthError::Invalid(m)) if m.contains("aud")));
+        let no_iss = sign(json!({"sub":"a","exp":now()+60,"aud":"chat"}));
+        assert!(auth.verify(&no_iss).is_err());
+        // Without an audience configured, a token carrying one is accepted.
+        let plain = Authenticator::hs256("k", Duration::from_secs(0));
+        assert!(plain.verify(&wrong_aud).is_ok());
+    }
+
     #[test]
     fn read_only_tokens_may_join_but_not_publish() {
         let auth = Authenticator::hs256("k", Duration::from_secs(0));
@@ -261,6 +480,39 @@ mod tests {
         assert!(id.permissions.may_join("any"));
         assert!(!id.permissions.may_publish("any"));
         assert!(!id.permissions.broadcast);
+    }
+
+    #[test]
+    fn minted_tokens_verify_with_their_permissions() {
+        let args = crate::config::TokenArgs {
+            user: "alice".into(),
+            ttl: Duration::from_secs(3600),
+            rooms: vec!["chat:*".into()],
+            broadcast: true,
+            read_only: true,
+        };
+        let t = mint_hs256("s", &args, None, None, now()).unwrap();
+        let id = Authenticator::hs256("s", Duration::ZERO)
+            .verify(&t)
+            .unwrap();
+        assert_eq!(&*id.user, "alice");
+        assert!(id.permissions.may_join("chat:1") && !id.permissions.may_join("x"));
+        assert!(id.permissions.broadcast && !id.permissions.publish);
+        assert!(id.expires_at.unwrap() >= now() + 3599);
+    }
+
+    #[test]
+    fn tickets_are_long_and_different_and_keys_match_exactly() {
+        let (a, b) = (random_ticket().unwrap(), random_ticket().unwrap());
+        assert_eq!(a.len(), 48);
+        assert_ne!(a, b);
+        let keys = vec!["k".repeat(20), "other-key-0123456789".to_string()];
+        assert!(key_matches(&keys, &"k".repeat(20)));
+        assert!(key_matches(&keys, "other-key-0123456789"));
+        assert!(!key_matches(&keys, &"k".repeat(19)));
+        assert!(!key_matches(&keys, &"k".repeat(21)));
+        assert!(!key_matches(&keys, ""));
+        assert!(!key_matches(&[], "anything"));
     }
 
     #[test]

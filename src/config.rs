@@ -48,6 +48,19 @@ pub struct Config {
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// PEM file with an RSA or EC public key: tokens are then RS256 or ES256 (instead of
+    /// HS256 with JWT_SECRET; set one of the two).
+    #[arg(long, env = "JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     /// Clock skew tolerated when checking a token's `exp`, at connect and on live sessions.
     #[arg(long, env = "JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
     pub jwt_leeway: Duration,
@@ -89,6 +102,28 @@ pub struct Config {
     #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 100)]
     pub max_rooms_per_connection: usize,
 
+    /// Connections one user may hold on this node; more get HTTP 429.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: usize,
+
+    /// Connections one client IP may hold on this node; more get HTTP 429.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: usize,
+
+    /// WebSocket upgrades per second this node admits (token bucket, bursts of twice
+    /// this); beyond it, HTTP 503 with Retry-After, so a reconnect storm is paced.
+    #[arg(long, env = "UPGRADE_RATE", default_value_t = 1000.0)]
+    pub upgrade_rate: f64,
+
+    /// Comma-separated proxy addresses or CIDRs (e.g. 127.0.0.1,10.0.0.0/8) whose
+    /// X-Forwarded-For names the client IP. Others' X-Forwarded-For is ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Comma-separated API keys for POST /api/publish. Empty: the API is off (404).
+    #[arg(long, env = "API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
     /// Comma-separated browser origins allowed to connect (e.g. https://app.example.com),
     /// or `*`. Empty: any. Requests without an Origin header (not browsers) are always allowed.
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -105,6 +140,34 @@ pub struct Config {
     /// On SIGTERM/SIGINT, clients are closed with 1012 spread over this window, then the node exits.
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print a token for testing, signed with JWT_SECRET (and JWT_AUDIENCE / JWT_ISSUER if set).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The user (`sub`).
+    #[arg(long)]
+    pub user: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Comma-separated room patterns the user may join and publish to (e.g. 'chat:*'); default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub rooms: Vec<String>,
+    /// Allow `broadcast`.
+    #[arg(long)]
+    pub broadcast: bool,
+    /// Forbid publishing and direct messages.
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,11 +181,19 @@ pub enum ConfigError {
     TooSmall(&'static str, u64),
     #[error("RATE_LIMIT must be a positive number of frames per second")]
     BadRateLimit,
+    #[error("UPGRADE_RATE must be a positive number of upgrades per second")]
+    BadUpgradeRate,
+    #[error("set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256), not both")]
+    TwoKeys,
+    #[error("TRUSTED_PROXIES entry {0:?} is not an IP address or CIDR")]
+    BadProxy(String),
+    #[error("API_KEYS entries must be at least 16 characters")]
+    WeakApiKey,
 }
 
 impl Config {
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwt_public_key.is_none()
     }
 
     /// Checks what clap cannot: combinations and lower bounds.
@@ -130,6 +201,17 @@ impl Config {
         if self.dev_mode() && !self.bind.ip().is_loopback() && !self.insecure {
             return Err(ConfigError::DevModeOnPublicAddress(self.bind));
         }
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return Err(ConfigError::TwoKeys);
+        }
+        for proxy in &self.trusted_proxies {
+            crate::limits::IpNet::parse(proxy)
+                .ok_or_else(|| ConfigError::BadProxy(proxy.clone()))?;
+        }
+        if !(self.upgrade_rate.is_finite() && self.upgrade_rate > 0.0) {
+            return Err(ConfigError::BadUpgradeRate);
+        }
+        api_keys_strong(&self.api_keys)?;
         let at_least = |name, value: u64, min| {
             if value < min {
                 Err(ConfigError::TooSmall(name, min))
@@ -170,6 +252,13 @@ impl Config {
             format!("{host}-{}", std::process::id())
         })
     }
+}
+
+fn api_keys_strong(keys: &[String]) -> Result<(), ConfigError> {
+    if keys.iter().any(|k| k.len() < 16) {
+        return Err(ConfigError::WeakApiKey);
+    }
+    Ok(())
 }
 
 /// Parses `500ms`, `25s`, `10m`, `1h`; a bare number is seconds.

@@ -4,12 +4,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use roomcast::config::LogFormat;
+use roomcast::config::{Command, LogFormat, TokenArgs};
 use roomcast::{Config, Node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(Command::Token(args)) = &config.command {
+        return print_token(&config, args);
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -40,6 +43,30 @@ async fn run(config: Config) -> ExitCode {
     tracing::info!(signal, "shutting down");
     node.shutdown().await;
     ExitCode::SUCCESS
+}
+
+fn print_token(config: &Config, args: &TokenArgs) -> ExitCode {
+    let Some(secret) = &config.jwt_secret else {
+        eprintln!("roomcast token: set JWT_SECRET (tokens for JWT_PUBLIC_KEY are signed by your identity provider)");
+        return ExitCode::FAILURE;
+    };
+    let now = roomcast::broker::memory::now_ms() / 1000;
+    match roomcast::auth::mint_hs256(
+        secret,
+        args,
+        config.jwt_audience.as_deref(),
+        config.jwt_issuer.as_deref(),
+        now,
+    ) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("roomcast token: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

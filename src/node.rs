@@ -1,7 +1,7 @@
 //! A running node: wires configuration, broker, hub, auth and HTTP together,
 //! runs the broker listener task, and drains gracefully on shutdown.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +11,15 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, KeyError, TokenRules};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, BrokerError, BrokerState, Delivery};
 use crate::config::{Config, ConfigError};
 use crate::hub::{CloseReason, Hub};
+use crate::limits::{ConnectionCounts, IpNet, TokenBucket};
 use crate::stats::Stats;
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 /// What the HTTP handlers and sessions of a node share.
 pub struct NodeState {
@@ -28,6 +30,11 @@ pub struct NodeState {
     pub auth: Authenticator,
     pub stats: Arc<Stats>,
     pub sessions: SessionCount,
+    /// Admission limits at the upgrade.
+    pub connections_per_user: Arc<ConnectionCounts<Arc<str>>>,
+    pub connections_per_ip: Arc<ConnectionCounts<IpAddr>>,
+    pub upgrades: std::sync::Mutex<TokenBucket>,
+    pub trusted_proxies: Vec<IpNet>,
     draining: AtomicBool,
     next_conn: AtomicU64,
 }
@@ -95,6 +102,8 @@ pub enum NodeError {
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// A started node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -148,9 +157,19 @@ impl Node {
             }
         });
 
-        let auth = match &config.jwt_secret {
-            Some(secret) => Authenticator::hs256(secret, config.jwt_leeway),
-            None => {
+        let rules = TokenRules {
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+            leeway: config.jwt_leeway,
+        };
+        let auth = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(secret), _) => Authenticator::jwt(
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+                &rules,
+            ),
+            (None, Some(path)) => Authenticator::from_public_key_file(path, &rules)?,
+            (None, None) => {
                 tracing::warn!(
                     bind = %addr,
                     "dev mode: no JWT_SECRET, so anybody may connect as any user (?user=name) with every permission"
@@ -165,6 +184,17 @@ impl Node {
             auth,
             stats,
             sessions: SessionCount::default(),
+            connections_per_user: ConnectionCounts::new(config.max_connections_per_user),
+            connections_per_ip: ConnectionCounts::new(config.max_connections_per_ip),
+            upgrades: std::sync::Mutex::new(TokenBucket::new(
+                config.upgrade_rate,
+                config.upgrade_rate * 2.0,
+            )),
+            trusted_proxies: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| IpNet::parse(p))
+                .collect(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
             config,

@@ -234,7 +234,7 @@ fn json_depth(raw: &str) -> usize {
     deepest
 }
 
-fn check_depth(field: &str, raw: &RawValue) -> Result<(), Rejection> {
+pub fn check_depth(field: &str, raw: &RawValue) -> Result<(), Rejection> {
     if json_depth(raw.get()) > MAX_JSON_DEPTH {
         return Err(Rejection::bad_request(format!(
             "\"{field}\" is nested deeper than {MAX_JSON_DEPTH} levels"

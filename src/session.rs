@@ -4,7 +4,7 @@
 //! socket with the right code.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,7 +84,7 @@ impl Liveness {
 }
 
 /// Serves one upgraded socket until it closes.
-pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, peer: SocketAddr) {
+pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, client: IpAddr) {
     let _live = node.sessions.enter();
     let started = Instant::now();
     let conn = node.next_conn_id();
@@ -108,7 +108,7 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, pe
         cursors: Cursors::new(node.config.client_queue),
         stats: node.stats.clone(),
     };
-    tracing::info!(conn = %conn_name, %user, %peer, "connected");
+    tracing::info!(conn = %conn_name, %user, %client, "connected");
 
     // `welcome` is queued first and written only once the hub (and, with
     // Redis, the user's channel) has the connection: a client that has its

@@ -23,6 +23,8 @@ pub struct MemoryBroker {
     /// Reference counts of subscribed channels.
     subscriptions: Mutex<HashMap<Channel, usize>>,
     presence: Mutex<HashMap<Arc<str>, UserCounts>>,
+    /// Ticket → (token, expiry).
+    tickets: Mutex<HashMap<String, (String, Instant)>>,
     /// Unbounded so that publishing never waits: the listener only
     /// `try_send`s to client queues, and client input is rate limited.
     deliveries: mpsc::UnboundedSender<Delivery>,
@@ -53,6 +55,7 @@ impl MemoryBroker {
             history: MemoryHistory::new(history_size, history_ttl),
             subscriptions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
             deliveries,
         });
         let sweep_every =
@@ -226,6 +229,30 @@ impl Broker for MemoryBroker {
             self.deliver_to_room(&Arc::from(room), event);
         }
         future::ready(Ok(gone)).boxed()
+    }
+
+    fn put_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let now = Instant::now();
+        let mut tickets = lock(&self.tickets);
+        tickets.retain(|_, (_, expires)| *expires > now);
+        tickets.insert(ticket.to_string(), (token.to_string(), now + ttl));
+        future::ready(Ok(())).boxed()
+    }
+
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+        let token = lock(&self.tickets)
+            .remove(ticket)
+            .filter(|(_, expires)| *expires > Instant::now())
+            .map(|(token, _)| token);
+        future::ready(Ok(token)).boxed()
     }
 
     fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {

@@ -153,6 +153,21 @@ pub trait Broker: Send + Sync {
         event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>>;
 
+    /// Stores a single-use ticket for `token`, valid for `ttl`.
+    fn put_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        token: &'a str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Takes a ticket: its token the first time, `None` after that or once
+    /// it expired.
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>>;
+
     /// The users present in `room`, sorted.
     fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>>;
 }

@@ -200,6 +200,10 @@ impl Keys {
         format!("{}:node-presence:{node}", self.prefix)
     }
 
+    fn ticket(&self, ticket: &str) -> String {
+        format!("{}:ticket:{ticket}", self.prefix)
+    }
+
     fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
     }
@@ -1037,6 +1041,41 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
         self.presence_change(&self.presence_remove_script, -1, room, user, event)
             .boxed()
+    }
+
+    fn put_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            redis::cmd("SET")
+                .arg(self.keys.ticket(ticket))
+                .arg(token)
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async::<()>(&mut commands)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn take_ticket<'a>(
+        &'a self,
+        ticket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            redis::cmd("GETDEL")
+                .arg(self.keys.ticket(ticket))
+                .query_async(&mut commands)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
     }
 
     fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {

@@ -10,16 +10,19 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::auth::{AuthError, Credentials};
+use crate::auth::{AuthError, Credentials, Identity};
 use crate::broker::{BrokerState, BrokerStats};
+use crate::limits;
 use crate::node::NodeState;
 use crate::session;
 use crate::stats::Counters;
+
+mod api;
 
 pub fn router(state: Arc<NodeState>) -> Router {
     Router::new()
@@ -29,11 +32,13 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/", get(console))
+        .route("/auth/ticket", post(api::ticket))
+        .route("/api/publish", post(api::publish))
         .with_state(state)
 }
 
 /// A JSON error body: `{"error": code, "message": text}`.
-fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(json!({"error": code, "message": message.into()})),
@@ -48,17 +53,32 @@ async fn upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if node.is_draining() {
-        node.stats.upgrade_refused("draining");
-        let mut response = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "this node is draining; connect to another one",
-        );
+    let retry_soon = |mut response: Response| {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
+        response
+    };
+    if node.is_draining() {
+        node.stats.upgrade_refused("draining");
+        return retry_soon(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this node is draining; connect to another one",
+        ));
+    }
+    let admitted = node
+        .upgrades
+        .lock()
+        .map(|mut bucket| bucket.try_take(tokio::time::Instant::now()))
+        .unwrap_or(false);
+    if !admitted {
+        node.stats.upgrade_refused("upgrade_rate");
+        return retry_soon(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "too many new connections right now (UPGRADE_RATE); retry shortly",
+        ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         if !origin_allowed(&node.config.allowed_origins, origin.to_str().unwrap_or("")) {
@@ -70,37 +90,94 @@ async fn upgrade(
             );
         }
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let credentials = Credentials {
-        token: query.get("token").map(String::as_str).or(bearer),
-        user: query.get("user").map(String::as_str),
+    let forwarded_for = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client_ip = limits::client_ip(peer.ip(), forwarded_for, &node.trusted_proxies);
+    let Some(ip_slot) = node.connections_per_ip.admit(client_ip) else {
+        node.stats.upgrade_refused("ip_limit");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many connections from this address (MAX_CONNECTIONS_PER_IP)",
+        );
     };
-    let identity = match node.auth.authenticate(credentials) {
+    let identity = match identify(&node, &query, &headers).await {
         Ok(identity) => identity,
-        Err(err) => {
-            let (status, reason) = match err {
-                AuthError::BadUser(_) if node.auth.is_dev() => {
-                    (StatusCode::BAD_REQUEST, "bad_user")
-                }
-                AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_token"),
-                AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_token"),
-                _ => (StatusCode::UNAUTHORIZED, "invalid_token"),
-            };
+        Err((status, reason, message)) => {
             node.stats.upgrade_refused(reason);
-            let code = if status == StatusCode::BAD_REQUEST {
-                "bad_request"
-            } else {
-                "unauthorized"
+            let code = match status {
+                StatusCode::BAD_REQUEST => "bad_request",
+                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                _ => "unauthorized",
             };
-            return refuse(status, code, err.to_string());
+            return refuse(status, code, message);
         }
     };
+    let Some(user_slot) = node.connections_per_user.admit(identity.user.clone()) else {
+        node.stats.upgrade_refused("user_limit");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
+        );
+    };
     let config_node = node.clone();
-    session::configure(upgrade, &config_node.config)
-        .on_upgrade(move |socket| session::run(socket, node, identity, peer))
+    session::configure(upgrade, &config_node.config).on_upgrade(move |socket| async move {
+        let _slots = (ip_slot, user_slot);
+        session::run(socket, node, identity, client_ip).await
+    })
+}
+
+/// Who is connecting: from a ticket, a token (query or Bearer), or, in dev
+/// mode, `?user=`. Errors carry the status, a stats label and the reason.
+async fn identify(
+    node: &NodeState,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Identity, (StatusCode, &'static str, String)> {
+    let ticket_token;
+    let token = match query.get("ticket") {
+        Some(ticket) => {
+            ticket_token = node.broker.take_ticket(ticket).await.map_err(|err| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker_down",
+                    err.to_string(),
+                )
+            })?;
+            let token = ticket_token.as_deref().ok_or((
+                StatusCode::UNAUTHORIZED,
+                "bad_ticket",
+                "unknown, used or expired ticket".to_string(),
+            ))?;
+            Some(token)
+        }
+        None => query
+            .get("token")
+            .map(String::as_str)
+            .or_else(|| bearer(headers)),
+    };
+    let credentials = Credentials {
+        token,
+        user: query.get("user").map(String::as_str),
+    };
+    node.auth.authenticate(credentials).map_err(|err| {
+        let (status, reason) = match err {
+            AuthError::BadUser(_) if node.auth.is_dev() => (StatusCode::BAD_REQUEST, "bad_user"),
+            AuthError::Missing => (StatusCode::UNAUTHORIZED, "missing_token"),
+            AuthError::Expired => (StatusCode::UNAUTHORIZED, "expired_token"),
+            _ => (StatusCode::UNAUTHORIZED, "invalid_token"),
+        };
+        (status, reason, err.to_string())
+    })
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {

@@ -11,7 +11,13 @@ use crate::support::{collect_messages, Client, TestNode};
 async fn a_thousand_clients_in_one_room_each_receive_every_message_in_order() {
     const CLIENTS: usize = 1000;
     const MESSAGES: usize = 20;
-    let node = TestNode::start(&[]).await;
+    let node = TestNode::start(&[
+        "--max-connections-per-user",
+        "2000",
+        "--max-connections-per-ip",
+        "2000",
+    ])
+    .await;
     // One user on a thousand devices: a thousand distinct users would add
     // half a million presence events, which is not what this measures.
     let url = node.ws_url("user=");

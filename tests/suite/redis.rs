@@ -250,7 +250,22 @@ async fn wait_for_readiness(node: &TestNode, status: u16) -> Result<(), String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_into_one_room_costs_redis_a_handful_of_stream_reads() {
     const CLIENTS: usize = 5000;
-    let cluster = Cluster::on_redis(3, &["--rate-limit", "100000", "--rate-burst", "100000"]).await;
+    let cluster = Cluster::on_redis(
+        3,
+        &[
+            "--rate-limit",
+            "100000",
+            "--rate-burst",
+            "100000",
+            "--max-connections-per-user",
+            "10000",
+            "--max-connections-per-ip",
+            "10000",
+            "--upgrade-rate",
+            "100000",
+        ],
+    )
+    .await;
     let redis = cluster.redis.as_ref().unwrap();
     let mut writer = cluster.nodes[0].connect("writer").await;
     let mut ids = Vec::new();
