@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod frames;
+mod hostile;
 mod http;
 mod lifecycle;
 mod limits;

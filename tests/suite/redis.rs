@@ -380,3 +380,59 @@ async fn a_member_gets_only_new_messages_after_the_subscriber_reconnects() {
     assert_eq!(got["id"], id.as_str(), "not the history again: {got}");
     member.expect_silence(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_from_one_node_works_once_on_another_and_the_api_reaches_every_node() {
+    const SECRET: &str = "cluster-secret";
+    const KEY: &str = "cluster-api-key-0123456789";
+    let cluster = Cluster::on_redis(2, &["--jwt-secret", SECRET, "--api-keys", KEY]).await;
+    let token = crate::support::token(
+        SECRET,
+        json!({"sub":"alice","exp":crate::support::unix_now() + 300}),
+    );
+    let bearer = format!("Bearer {token}");
+    let (status, body) = crate::support::http_request(
+        cluster.nodes[0].addr,
+        "POST",
+        "/auth/ticket",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let ticket: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ticket = ticket["ticket"].as_str().unwrap().to_string();
+    let mut alice = Client::connect(&cluster.nodes[1].ws_url(&format!("ticket={ticket}"))).await;
+    assert_eq!(alice.welcome["user"], "alice");
+    let (status, _) =
+        crate::support::refused_upgrade(&cluster.nodes[0].ws_url(&format!("ticket={ticket}")), &[])
+            .await;
+    assert_eq!(status, 401, "a ticket is single-use across nodes");
+
+    alice.join("news").await;
+    let api_key = format!("Bearer {KEY}");
+    let (status, body) = crate::support::http_request(
+        cluster.nodes[0].addr,
+        "POST",
+        "/api/publish",
+        &[("authorization", &api_key)],
+        r#"{"room":"news","data":"from the backend"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(alice.expect("message").await["id"], id["id"]);
+    let (status, body) = crate::support::http_request(
+        cluster.nodes[0].addr,
+        "POST",
+        "/api/publish",
+        &[("authorization", &api_key)],
+        r#"{"to":"alice","data":"psst"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        alice.expect("direct").await,
+        json!({"type":"direct","from":"server","data":"psst"})
+    );
+}

@@ -77,6 +77,10 @@ impl TestNode {
         Client::connect(&self.ws_url(&format!("user={user}"))).await
     }
 
+    pub async fn connect_with_token(&self, token: &str) -> Client {
+        Client::connect(&self.ws_url(&format!("token={token}"))).await
+    }
+
     pub fn state(&self) -> &std::sync::Arc<roomcast::node::NodeState> {
         self.node.as_ref().expect("node running").state()
     }
@@ -457,6 +461,11 @@ impl Client {
         self.send_text(&frame.to_string()).await;
     }
 
+    /// Sends a frame; false once the connection is gone.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.ws.send(Message::text(text)).await.is_ok()
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         self.ws
             .send(Message::text(text))
@@ -587,4 +596,110 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
+}
+
+/// A WebSocket spoken by hand, for frames no well-behaved client sends:
+/// invalid UTF-8, unmasked frames, giant headers, endless fragments.
+pub struct RawSocket {
+    stream: TcpStream,
+}
+
+impl RawSocket {
+    /// Upgrades `path` (with its query) on `addr`; panics unless 101.
+    pub async fn connect(addr: SocketAddr, path: &str) -> RawSocket {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("writes");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream
+                .read_exact(&mut byte)
+                .await
+                .expect("reads the response head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        RawSocket { stream }
+    }
+
+    /// Writes one frame; client frames are masked unless `masked` is false.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        self.send_header(fin, opcode, payload.len() as u64, masked)
+            .await;
+        let mask = [0x11u8, 0x22, 0x33, 0x44];
+        let body: Vec<u8> = if masked {
+            payload
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect()
+        } else {
+            payload.to_vec()
+        };
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.write_all(&body).await;
+    }
+
+    /// Writes only a frame header announcing `length` bytes.
+    pub async fn send_header(&mut self, fin: bool, opcode: u8, length: u64, masked: bool) {
+        use tokio::io::AsyncWriteExt;
+        let mut header = vec![(u8::from(fin) << 7) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match length {
+            0..=125 => header.push(mask_bit | length as u8),
+            126..=65535 => {
+                header.push(mask_bit | 126);
+                header.extend_from_slice(&(length as u16).to_be_bytes());
+            }
+            _ => {
+                header.push(mask_bit | 127);
+                header.extend_from_slice(&length.to_be_bytes());
+            }
+        }
+        if masked {
+            header.extend_from_slice(&[0x11, 0x22, 0x33, 0x44]);
+        }
+        let _ = self.stream.write_all(&header).await;
+    }
+
+    /// Reads server frames until a close frame; its code, or `None` if the
+    /// connection ended without one.
+    pub async fn close_code(&mut self) -> Option<u16> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            loop {
+                let mut head = [0u8; 2];
+                self.stream.read_exact(&mut head).await.ok()?;
+                let opcode = head[0] & 0x0f;
+                let length = match head[1] & 0x7f {
+                    126 => {
+                        let mut ext = [0u8; 2];
+                        self.stream.read_exact(&mut ext).await.ok()?;
+                        u16::from_be_bytes(ext) as usize
+                    }
+                    127 => {
+                        let mut ext = [0u8; 8];
+                        self.stream.read_exact(&mut ext).await.ok()?;
+                        u64::from_be_bytes(ext) as usize
+                    }
+                    short => short as usize,
+                };
+                let mut payload = vec![0u8; length];
+                self.stream.read_exact(&mut payload).await.ok()?;
+                if opcode == 8 {
+                    return (payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("the server closes in time")
+    }
 }
