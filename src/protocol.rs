@@ -679,6 +679,42 @@ mod tests {
         assert!(parsed.request.is_err());
     }
 
+    /// Seeded mutation fuzzing: bounded, repeatable, and on stable Rust
+    /// (cargo fuzz needs nightly). Parsing must never panic, whatever arrives.
+    #[test]
+    fn twenty_thousand_mutated_frames_parse_without_panicking() {
+        let seeds = [
+            r#"{"type":"join","room":"r","since":"1-2","ref":[1]}"#,
+            r#"{"type":"publish","room":"r","data":{"a":"\u00e9\"x"},"key":"k","ref":"q"}"#,
+            r#"{"type":"direct","to":"bob","data":[[[]]]}"#,
+            r#"{"type":"join","room":"r","last":18446744073709551615}"#,
+            r#"{"type":"refresh","token":"a.b.c"}"#,
+        ];
+        let alphabet = "{}[]\",:\\0-9eE.+tfnul \u{e9}\u{0}";
+        let alphabet: Vec<char> = alphabet.chars().collect();
+        let mut rng = fastrand::Rng::with_seed(2026);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut chars: Vec<char> = seeds[rng.usize(..seeds.len())].chars().collect();
+            for _ in 0..rng.usize(1..8) {
+                let at = rng.usize(..=chars.len());
+                match rng.u8(..3) {
+                    0 if at < chars.len() => chars[at] = alphabet[rng.usize(..alphabet.len())],
+                    1 if at < chars.len() => {
+                        chars.remove(at);
+                    }
+                    _ => chars.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                }
+            }
+            let text: String = chars.into_iter().collect();
+            if parse_client_frame(&text).request.is_ok() {
+                accepted += 1;
+            }
+        }
+        // The mutations are mild enough that some frames stay valid.
+        assert!(accepted > 0);
+    }
+
     #[test]
     fn escaped_strings_are_accepted() {
         assert!(matches!(
