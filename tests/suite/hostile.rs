@@ -9,7 +9,8 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::support::{
-    http_request, refused_upgrade, token, unix_now, Client, Ending, RawSocket, TestNode,
+    fetch_ticket, http_request, refused_upgrade, token, unix_now, Client, Ending, RawSocket,
+    TestNode,
 };
 
 const SECRET: &str = "hostile-test-secret";
@@ -213,19 +214,8 @@ async fn bad_credentials_are_refused_before_any_socket_exists() {
 async fn a_ticket_works_once_and_the_api_refuses_bad_keys_and_bodies() {
     let mut arena = Arena::new().await;
     let addr = arena.node.addr;
-    let bearer = format!("Bearer {}", user_token("eve"));
-    let (status, body) = http_request(
-        addr,
-        "POST",
-        "/auth/ticket",
-        &[("authorization", &bearer)],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let ticket: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(ticket["expires_in"], 30);
-    let url = arena.ws(&format!("ticket={}", ticket["ticket"].as_str().unwrap()));
+    let ticket = fetch_ticket(addr, &user_token("eve")).await;
+    let url = arena.ws(&format!("ticket={ticket}"));
     let eve = Client::connect(&url).await;
     assert_eq!(eve.welcome["user"], "eve");
     let (status, _) = refused_upgrade(&url, &[]).await;

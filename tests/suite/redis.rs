@@ -390,18 +390,7 @@ async fn a_ticket_from_one_node_works_once_on_another_and_the_api_reaches_every_
         SECRET,
         json!({"sub":"alice","exp":crate::support::unix_now() + 300}),
     );
-    let bearer = format!("Bearer {token}");
-    let (status, body) = crate::support::http_request(
-        cluster.nodes[0].addr,
-        "POST",
-        "/auth/ticket",
-        &[("authorization", &bearer)],
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let ticket: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let ticket = ticket["ticket"].as_str().unwrap().to_string();
+    let ticket = crate::support::fetch_ticket(cluster.nodes[0].addr, &token).await;
     let mut alice = Client::connect(&cluster.nodes[1].ws_url(&format!("ticket={ticket}"))).await;
     assert_eq!(alice.welcome["user"], "alice");
     let (status, _) =

@@ -400,6 +400,23 @@ fn upgrade_request(url: &str, headers: &[(&str, &str)]) -> Request {
     request
 }
 
+/// Trades a JWT for a ticket at `POST /auth/ticket`; panics unless 200.
+pub async fn fetch_ticket(addr: SocketAddr, token: &str) -> String {
+    let bearer = format!("Bearer {token}");
+    let (status, body) = http_request(
+        addr,
+        "POST",
+        "/auth/ticket",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["expires_in"], 30);
+    answer["ticket"].as_str().expect("a ticket").to_string()
+}
+
 /// The status of a refused WebSocket upgrade, with its body.
 pub async fn refused_upgrade(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
     match tokio_tungstenite::connect_async(upgrade_request(url, headers)).await {
