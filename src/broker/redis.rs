@@ -249,8 +249,9 @@ pub struct RedisBroker {
     reads_in_flight: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// This node's own presence contributions: connections per (room, user).
     presence_mirror: Mutex<HashMap<RoomUser, i64>>,
-    /// Presence changes and resyncs take turns, so the mirror and Redis agree.
-    presence_turn: tokio::sync::Mutex<()>,
+    /// Presence changes run side by side (each is one atomic script and one
+    /// mirror update); a resync runs alone, so the mirror it writes is exact.
+    presence_turn: tokio::sync::RwLock<()>,
     /// A presence update could not reach Redis: resync at the next chance.
     presence_dirty: AtomicBool,
     /// The subscriber's sink, for pings that must not wait behind a
@@ -322,7 +323,7 @@ impl RedisBroker {
             tails: Mutex::new(HashMap::new()),
             reads_in_flight: Mutex::new(HashMap::new()),
             presence_mirror: Mutex::new(HashMap::new()),
-            presence_turn: tokio::sync::Mutex::new(()),
+            presence_turn: tokio::sync::RwLock::new(()),
             presence_dirty: AtomicBool::new(false),
             pinger: Mutex::new(None),
             reconnect: tokio::sync::Notify::new(),
@@ -763,7 +764,7 @@ impl RedisBroker {
 
     /// Writes this node's presence, as it really is, over what Redis has.
     async fn resync_presence(&self) -> Result<(), RedisError> {
-        let _turn = self.presence_turn.lock().await;
+        let _turn = self.presence_turn.write().await;
         let mut invocation = self
             .presence_resync_script
             .key(self.keys.node_presence(&self.settings.node_id));
@@ -1102,7 +1103,7 @@ impl RedisBroker {
         user: &str,
         event: Utf8Bytes,
     ) -> Result<bool, BrokerError> {
-        let _turn = self.presence_turn.lock().await;
+        let _turn = self.presence_turn.read().await;
         // The node's own record changes whatever Redis says: it is the truth
         // a resync writes back after an outage.
         {
