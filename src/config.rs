@@ -149,6 +149,8 @@ pub struct Config {
 pub enum Command {
     /// Print a token for testing, signed with JWT_SECRET (and JWT_AUDIENCE / JWT_ISSUER if set).
     Token(TokenArgs),
+    /// Exit 0 if the node at BIND answers GET /healthz with 200 (for container health checks).
+    Healthcheck,
 }
 
 #[derive(Debug, Clone, clap::Args)]

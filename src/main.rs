@@ -10,8 +10,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    if let Some(Command::Token(args)) = &config.command {
-        return print_token(&config, args);
+    match &config.command {
+        Some(Command::Token(args)) => return print_token(&config, args),
+        Some(Command::Healthcheck) => return healthcheck(&config),
+        None => {}
     }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -64,6 +66,35 @@ fn print_token(config: &Config, args: &TokenArgs) -> ExitCode {
         }
         Err(err) => {
             eprintln!("roomcast token: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GET /healthz on this node's own port, with plain std I/O.
+fn healthcheck(config: &Config) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut addr = config.bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let answer = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut stream| {
+        stream.set_read_timeout(Some(timeout))?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    });
+    match answer {
+        Ok(response) if response.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!("unhealthy: {}", response.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("unhealthy: {addr}: {err}");
             ExitCode::FAILURE
         }
     }

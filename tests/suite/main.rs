@@ -5,6 +5,7 @@
 mod support;
 
 mod auth;
+mod deploy;
 mod frames;
 mod hostile;
 mod http;

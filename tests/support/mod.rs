@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -718,5 +720,342 @@ impl RawSocket {
         tokio::time::timeout(WAIT, read)
             .await
             .expect("the server closes in time")
+    }
+}
+
+/// nginx of the test's own, configured from the repository's nginx.conf
+/// with loopback ports, a fresh self-signed certificate and files in a
+/// temporary directory; killed (by PID) on drop.
+pub struct Nginx {
+    child: Child,
+    pub https: SocketAddr,
+    pub dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    /// `nodes[i]` takes the place of `node{i+1}:8080`. `read_timeout`
+    /// replaces `proxy_read_timeout` for /ws when given.
+    pub fn start(nodes: &[SocketAddr], read_timeout: Option<&str>) -> Nginx {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "roomcast-nginx-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A throwaway CA and a certificate for localhost signed by it.
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("writes the extensions");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl runs (scripts/test installs it)");
+            assert!(status.success(), "openssl {args:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=roomcast test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "tls.crt",
+        ]);
+        let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/nginx.conf"))
+            .expect("nginx.conf");
+        let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let dir_text = dir.display().to_string();
+        let mut config = template
+            .replace(
+                "worker_processes auto;",
+                &format!("worker_processes 1;\npid {dir_text}/nginx.pid;\nerror_log {dir_text}/error.log;"),
+            )
+            .replace("worker_rlimit_nofile 65536;", "worker_rlimit_nofile 4096;")
+            .replace("worker_connections 16384;", "worker_connections 2048;")
+            .replace("listen 80;", &format!("listen {http};"))
+            .replace("listen 443 ssl;", &format!("listen {https} ssl;"))
+            .replace("/etc/nginx/certs/", &format!("{dir_text}/"))
+            .replace("/var/log/nginx/access.log", &format!("{dir_text}/access.log"));
+        for (n, node) in nodes.iter().enumerate() {
+            config = config.replace(&format!("node{}:8080", n + 1), &node.to_string());
+        }
+        for n in nodes.len()..3 {
+            // Fewer nodes than the template names: drop the extra upstream.
+            config = config.replace(
+                &format!("server node{}:8080 max_fails=2 fail_timeout=5s;", n + 1),
+                "",
+            );
+            config = config.replace(
+                &format!("http://node{}:8080/", n + 1),
+                "http://127.0.0.1:9/",
+            );
+        }
+        if let Some(timeout) = read_timeout {
+            config = config.replace(
+                "proxy_read_timeout 75s;",
+                &format!("proxy_read_timeout {timeout};"),
+            );
+        }
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config).expect("writes the config");
+        let check = Command::new("nginx")
+            .arg("-t")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .output()
+            .expect("nginx runs (scripts/test installs it)");
+        assert!(
+            check.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(https).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, https, dir }
+    }
+
+    pub fn wss_url(&self, query: &str) -> String {
+        format!("wss://localhost:{}/ws?{query}", self.https.port())
+    }
+
+    /// A TLS client configuration that trusts this nginx's certificate.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let cert =
+            CertificateDer::from_pem_file(self.dir.join("ca.crt")).expect("the CA certificate");
+        roots.add(cert).expect("a usable certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// Connects through nginx over TLS; the port resolves via 127.0.0.1.
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect_tls(
+            &self.wss_url(&format!("user={user}")),
+            self.https,
+            self.tls(),
+        )
+        .await
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Client {
+    /// Connects to a `wss://` URL on `addr`, trusting `tls`'s roots.
+    pub async fn connect_tls(
+        url: &str,
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Client {
+        Self::try_connect_tls(url, addr, tls)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+    }
+
+    pub async fn try_connect_tls(
+        url: &str,
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Client, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let config = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async_tls_with_config(
+                url,
+                tcp,
+                Some(config),
+                Some(tokio_tungstenite::Connector::Rustls(tls)),
+            ),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        client.welcome = client.recv().await;
+        Ok(client)
+    }
+}
+
+/// A client that behaves like the browser client: when its connection
+/// ends it reconnects (exponential backoff with full jitter) and re-joins
+/// each room with `since` = the last id it saw there.
+pub struct ResumingClient {
+    pub user: String,
+    connect:
+        Box<dyn Fn(String) -> futures::future::BoxFuture<'static, Result<Client, String>> + Send>,
+    client: Option<Client>,
+    rooms: Vec<String>,
+    last_ids: HashMap<String, String>,
+    /// Every message seen, per room, in arrival order.
+    pub messages: HashMap<String, Vec<Value>>,
+    pub reconnects: usize,
+    pub unrecovered: usize,
+}
+
+impl ResumingClient {
+    pub async fn new(
+        user: &str,
+        connect: impl Fn(String) -> futures::future::BoxFuture<'static, Result<Client, String>>
+            + Send
+            + 'static,
+    ) -> ResumingClient {
+        let mut client = ResumingClient {
+            user: user.to_string(),
+            connect: Box::new(connect),
+            client: None,
+            rooms: Vec::new(),
+            last_ids: HashMap::new(),
+            messages: HashMap::new(),
+            reconnects: 0,
+            unrecovered: 0,
+        };
+        client.reconnect().await;
+        client
+    }
+
+    async fn reconnect(&mut self) {
+        let mut attempt = 0u32;
+        loop {
+            match (self.connect)(self.user.clone()).await {
+                Ok(mut client) if client.welcome["type"] == "welcome" => {
+                    for room in self.rooms.clone() {
+                        let mut join = json!({"type": "join", "room": room});
+                        if let Some(since) = self.last_ids.get(&room) {
+                            join["since"] = json!(since);
+                        }
+                        if !client.try_send_text(&join.to_string()).await {
+                            break;
+                        }
+                    }
+                    self.client = Some(client);
+                    return;
+                }
+                _ => {
+                    let ceiling = Duration::from_millis(50).saturating_mul(1 << attempt.min(6));
+                    tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
+                    attempt += 1;
+                    assert!(attempt < 60, "{} could not reconnect", self.user);
+                }
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) {
+        self.rooms.push(room.to_string());
+        let client = self.client.as_mut().expect("connected");
+        client.send(json!({"type": "join", "room": room})).await;
+    }
+
+    /// Handles frames until `count` messages of `room` were seen or `wait`
+    /// passed without any frame; reconnects and resumes whenever the
+    /// connection ends.
+    pub async fn read_until(&mut self, room: &str, count: usize, wait: Duration) {
+        while self.messages.get(room).map_or(0, Vec::len) < count {
+            let client = self.client.as_mut().expect("connected");
+            match tokio::time::timeout(wait, client.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    let frame: Value = serde_json::from_str(&text).expect("JSON");
+                    match frame["type"].as_str() {
+                        Some("message") => {
+                            let room = frame["room"].as_str().unwrap_or_default().to_string();
+                            if let Some(id) = frame["id"].as_str() {
+                                self.last_ids.insert(room.clone(), id.to_string());
+                            }
+                            self.messages.entry(room).or_default().push(frame);
+                        }
+                        Some("joined") if frame["recovered"] == false => self.unrecovered += 1,
+                        _ => {}
+                    }
+                }
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => {
+                    self.client = None;
+                    self.reconnects += 1;
+                    self.reconnect().await;
+                }
+            }
+        }
     }
 }
