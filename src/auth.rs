@@ -151,6 +151,7 @@ impl Authenticator {
     pub fn jwt(key: DecodingKey, algorithm: Algorithm, rules: &TokenRules) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = rules.leeway.as_secs();
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         match &rules.audience {
             Some(audience) => {

@@ -85,6 +85,12 @@ pub struct Config {
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
 
+    /// Embedded mode: bytes of history kept in memory over all rooms; past it the rooms
+    /// silent the longest are dropped (their resumes say recovered:false). With Redis,
+    /// bound the streams with Redis's own maxmemory instead.
+    #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub history_max_bytes: usize,
+
     /// A room's history (and its idempotency keys) is dropped after this long without a message.
     #[arg(long, env = "HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
     pub history_ttl: Duration,
@@ -172,6 +178,9 @@ pub struct TokenArgs {
     pub read_only: bool,
 }
 
+/// Shortest JWT_SECRET accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error(
@@ -187,6 +196,11 @@ pub enum ConfigError {
     BadUpgradeRate,
     #[error("set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256), not both")]
     TwoKeys,
+    #[error(
+        "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (32 random bytes recommended): \
+         a short or empty secret lets anybody sign tokens"
+    )]
+    WeakSecret,
     #[error("TRUSTED_PROXIES entry {0:?} is not an IP address or CIDR")]
     BadProxy(String),
     #[error("API_KEYS entries must be at least 16 characters")]
@@ -205,6 +219,13 @@ impl Config {
         }
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             return Err(ConfigError::TwoKeys);
+        }
+        if self
+            .jwt_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < MIN_SECRET_BYTES)
+        {
+            return Err(ConfigError::WeakSecret);
         }
         for proxy in &self.trusted_proxies {
             crate::limits::IpNet::parse(proxy)
@@ -321,9 +342,18 @@ mod tests {
         assert!(config(&["--bind", "0.0.0.0:8080", "--insecure"])
             .validate()
             .is_ok());
-        assert!(config(&["--bind", "0.0.0.0:8080", "--jwt-secret", "s"])
-            .validate()
-            .is_ok());
+        assert!(config(&[
+            "--bind",
+            "0.0.0.0:8080",
+            "--jwt-secret",
+            "a-long-enough-secret"
+        ])
+        .validate()
+        .is_ok());
+        assert_eq!(
+            config(&["--jwt-secret", ""]).validate(),
+            Err(ConfigError::WeakSecret)
+        );
         assert!(config(&[]).validate().is_ok());
     }
 

@@ -57,6 +57,17 @@ impl IpNet {
             ),
             None => (text.parse::<IpAddr>().ok()?, None),
         };
+        // An IPv4-mapped IPv6 network is the IPv4 network it maps.
+        let (addr, prefix) = match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (
+                    IpAddr::V4(v4),
+                    Some(prefix.map_or(Some(32), |p| p.checked_sub(96))?),
+                ),
+                None => (addr, prefix),
+            },
+            IpAddr::V4(_) => (addr, prefix),
+        };
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
         (prefix <= max).then_some(IpNet { addr, prefix })
@@ -76,7 +87,9 @@ impl IpNet {
         if width != candidate_width {
             return false;
         }
-        let shift = width - self.prefix;
+        let Some(shift) = width.checked_sub(self.prefix) else {
+            return false;
+        };
         if shift >= 128 {
             return true;
         }
@@ -93,7 +106,7 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
     }
     let mut client = peer;
     for hop in forwarded_for.unwrap_or("").rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
+        match parse_hop(hop) {
             Ok(ip) => {
                 client = ip;
                 if !is_trusted(ip) {
@@ -105,6 +118,21 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
         }
     }
     client
+}
+
+/// One X-Forwarded-For entry: an address, possibly with a port or brackets.
+fn parse_hop(hop: &str) -> Result<IpAddr, ()> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    if let Ok(socket) = hop.parse::<std::net::SocketAddr>() {
+        return Ok(socket.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .ok_or(())
 }
 
 /// Live connections per key (user, IP), with a limit.
@@ -192,7 +220,13 @@ mod tests {
         assert!(IpNet::parse("fd00::/8")
             .unwrap()
             .contains("fd12::1".parse().unwrap()));
-        for bad in ["", "10.0.0.0/33", "nope", "1.2.3.4/x"] {
+        // IPv4-mapped networks are their IPv4 network, not "everything".
+        let mapped = IpNet::parse("::ffff:10.0.0.1").unwrap();
+        assert!(mapped.contains("10.0.0.1".parse().unwrap()));
+        assert!(!mapped.contains("10.0.0.2".parse().unwrap()));
+        let mapped_net = IpNet::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped_net.contains("10.9.9.9".parse().unwrap()));
+        for bad in ["", "10.0.0.0/33", "nope", "1.2.3.4/x", "::ffff:10.0.0.0/64"] {
             assert!(IpNet::parse(bad).is_none(), "{bad}");
         }
     }
@@ -216,6 +250,14 @@ mod tests {
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
         assert_eq!(client_ip(proxy, None, &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, Some("198.51.100.7:4711"), &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(proxy, Some("[2001:db8::1]"), &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
     }
 

@@ -48,6 +48,10 @@ async fn run(config: Config) -> ExitCode {
 }
 
 fn print_token(config: &Config, args: &TokenArgs) -> ExitCode {
+    if let Err(err @ roomcast::config::ConfigError::WeakSecret) = config.validate() {
+        eprintln!("roomcast token: {err}");
+        return ExitCode::FAILURE;
+    }
     let Some(secret) = &config.jwt_secret else {
         eprintln!("roomcast token: set JWT_SECRET (tokens for JWT_PUBLIC_KEY are signed by your identity provider)");
         return ExitCode::FAILURE;

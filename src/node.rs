@@ -142,8 +142,11 @@ impl Node {
                     (redis, incoming)
                 }
                 None => {
-                    let (memory, incoming) =
-                        MemoryBroker::start(config.history_size, config.history_ttl);
+                    let (memory, incoming) = MemoryBroker::start(
+                        config.history_size,
+                        config.history_ttl,
+                        config.history_max_bytes,
+                    );
                     (memory, incoming)
                 }
             };

@@ -335,6 +335,8 @@ impl Reader {
                 }
                 let template = MessageTemplate::new(&room, &user, data);
                 let started = Instant::now();
+                // Keys are the sender's own: another user's key cannot shadow them.
+                let key = key.map(|key| format!("{user}/{key}"));
                 let stored = node
                     .broker
                     .publish_room(&room, template, key.as_deref())

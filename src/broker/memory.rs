@@ -15,6 +15,11 @@ use crate::history::memory::MemoryHistory;
 use crate::history::{Replay, Stored};
 use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
 
+/// Outstanding tickets above which expired ones are swept on the next put.
+const TICKETS_BEFORE_SWEEP: usize = 1024;
+/// Outstanding tickets at most: a flood of ticket requests cannot exhaust memory.
+const MAX_TICKETS: usize = 100_000;
+
 /// Connections per user, in one room.
 type UserCounts = HashMap<Arc<str>, usize>;
 
@@ -49,10 +54,11 @@ impl MemoryBroker {
     pub fn start(
         history_size: usize,
         history_ttl: Duration,
+        history_max_bytes: usize,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Delivery>) {
         let (deliveries, incoming) = mpsc::unbounded_channel();
         let broker = Arc::new(MemoryBroker {
-            history: MemoryHistory::new(history_size, history_ttl),
+            history: MemoryHistory::new(history_size, history_ttl, history_max_bytes),
             subscriptions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             tickets: Mutex::new(HashMap::new()),
@@ -239,7 +245,15 @@ impl Broker for MemoryBroker {
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         let now = Instant::now();
         let mut tickets = lock(&self.tickets);
-        tickets.retain(|_, (_, expires)| *expires > now);
+        if tickets.len() >= TICKETS_BEFORE_SWEEP {
+            tickets.retain(|_, (_, expires)| *expires > now);
+        }
+        if tickets.len() >= MAX_TICKETS {
+            return future::ready(Err(BrokerError::Unavailable(
+                "too many outstanding tickets; retry shortly".into(),
+            )))
+            .boxed();
+        }
         tickets.insert(ticket.to_string(), (token.to_string(), now + ttl));
         future::ready(Ok(())).boxed()
     }
@@ -271,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscriptions_are_counted_and_only_subscribed_channels_deliver() {
-        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60), usize::MAX);
         let alice = Channel::User("alice".into());
         assert_eq!(broker.publish(&alice, "x".into()).await.unwrap(), 0);
         broker.subscribe(alice.clone()).await.unwrap();
@@ -288,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn room_messages_are_stored_even_without_subscribers() {
-        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let (broker, mut incoming) = MemoryBroker::start(10, Duration::from_secs(60), usize::MAX);
         let data = serde_json::value::RawValue::from_string("1".into()).unwrap();
         let template = MessageTemplate::new("r", "u", &data);
         let stored = broker
@@ -308,7 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn presence_counts_connections_per_user() {
-        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60), usize::MAX);
         let (broker, mut incoming) = (broker, _incoming);
         broker.subscribe(Channel::Room("r".into())).await.unwrap();
         let event = |t: &str| Utf8Bytes::from(t.to_string());

@@ -11,6 +11,8 @@ use crate::protocol::{CatchUp, MessageId, RoomFrame};
 #[derive(Debug, Default)]
 pub struct RoomLog {
     messages: VecDeque<Arc<RoomFrame>>,
+    /// Bytes of frame text held.
+    bytes: usize,
     /// A `since` at or above this id is covered: every later message is in
     /// `messages`. `None`: nothing is known before the first held message.
     complete_after: Option<MessageId>,
@@ -20,12 +22,17 @@ impl RoomLog {
     pub fn new(complete_after: Option<MessageId>) -> Self {
         RoomLog {
             messages: VecDeque::new(),
+            bytes: 0,
             complete_after,
         }
     }
 
     pub fn last_id(&self) -> Option<MessageId> {
         self.messages.back().and_then(|m| m.id)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -43,6 +50,7 @@ impl RoomLog {
         if self.last_id().is_some_and(|last| id <= last) {
             return;
         }
+        self.bytes += frame.text.len();
         self.messages.push_back(frame);
         self.trim(capacity);
     }
@@ -50,6 +58,7 @@ impl RoomLog {
     fn trim(&mut self, capacity: usize) {
         while self.messages.len() > capacity.max(1) {
             if let Some(trimmed) = self.messages.pop_front() {
+                self.bytes -= trimmed.text.len();
                 self.complete_after = trimmed.id.or(self.complete_after);
             }
         }
@@ -71,6 +80,7 @@ impl RoomLog {
             .cloned()
             .collect();
         self.messages = snapshot.into_iter().chain(newer).collect();
+        self.bytes = self.messages.iter().map(|m| m.text.len()).sum();
         self.complete_after = Some(complete_after);
         self.trim(capacity);
     }

@@ -21,11 +21,14 @@ pub struct MemoryHistory {
     inner: Mutex<Inner>,
     capacity: usize,
     ttl: Duration,
+    max_bytes: usize,
 }
 
 struct Inner {
     rooms: HashMap<Arc<str>, RoomHistory>,
     last_issued: MessageId,
+    /// Frame bytes held over all rooms.
+    bytes: usize,
 }
 
 struct RoomHistory {
@@ -37,14 +40,20 @@ struct RoomHistory {
 }
 
 impl MemoryHistory {
-    pub fn new(capacity: usize, ttl: Duration) -> Self {
+    /// `max_bytes` bounds the frames held over all rooms: past it, the rooms
+    /// silent the longest are dropped whole (their resumes then say
+    /// `recovered:false`), so publishing to endless new rooms cannot exhaust
+    /// memory.
+    pub fn new(capacity: usize, ttl: Duration, max_bytes: usize) -> Self {
         MemoryHistory {
             inner: Mutex::new(Inner {
                 rooms: HashMap::new(),
                 last_issued: MessageId::ZERO,
+                bytes: 0,
             }),
             capacity: capacity.max(1),
             ttl,
+            max_bytes,
         }
     }
 
@@ -103,10 +112,27 @@ impl MemoryHistory {
             id: Some(id),
             text: template.with_id(id).into(),
         });
+        let before = history.log.bytes();
         history.log.push(frame.clone(), self.capacity);
+        let after = history.log.bytes();
         history.last_activity = now;
         if let Some(key) = key {
             history.remember_key(key, id, now, self.capacity * KEYS_PER_HISTORY_SLOT);
+        }
+        inner.bytes = inner.bytes + after - before;
+        while inner.bytes > self.max_bytes {
+            let Some(oldest) = inner
+                .rooms
+                .iter()
+                .min_by_key(|(_, h)| h.last_activity)
+                .map(|(name, _)| name.clone())
+            else {
+                break;
+            };
+            if let Some(dropped) = inner.rooms.remove(&oldest) {
+                inner.bytes -= dropped.log.bytes();
+                tracing::warn!(room = %oldest, "history over HISTORY_MAX_BYTES: dropped the room silent the longest");
+            }
         }
         publish(frame);
         Stored {
@@ -134,9 +160,15 @@ impl MemoryHistory {
     pub fn expire(&self, now: Instant) {
         let ttl = self.ttl;
         let mut inner = self.lock();
-        inner
-            .rooms
-            .retain(|_, log| now.duration_since(log.last_activity) < ttl);
+        let mut freed = 0;
+        inner.rooms.retain(|_, history| {
+            let keep = now.duration_since(history.last_activity) < ttl;
+            if !keep {
+                freed += history.log.bytes();
+            }
+            keep
+        });
+        inner.bytes -= freed;
         for log in inner.rooms.values_mut() {
             log.forget_keys_older_than(now, ttl);
         }
@@ -192,7 +224,7 @@ mod tests {
 
     #[test]
     fn ids_increase_within_a_millisecond_and_when_the_clock_goes_back() {
-        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let h = MemoryHistory::new(10, Duration::from_secs(60), usize::MAX);
         let a = publish(&h, 1, 100);
         let b = publish(&h, 2, 100);
         let c = publish(&h, 3, 90);
@@ -205,7 +237,7 @@ mod tests {
 
     #[test]
     fn since_replays_exactly_the_later_messages_in_order() {
-        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let h = MemoryHistory::new(10, Duration::from_secs(60), usize::MAX);
         let all: Vec<_> = (0..5).map(|n| publish(&h, n, 100 + n as u64)).collect();
         let replay = h.read("r", CatchUp::Since(all[1]));
         assert!(replay.recovered);
@@ -219,7 +251,7 @@ mod tests {
 
     #[test]
     fn since_before_trimmed_history_is_not_recovered() {
-        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        let h = MemoryHistory::new(3, Duration::from_secs(60), usize::MAX);
         let all: Vec<_> = (0..6).map(|n| publish(&h, n, 100 + n as u64)).collect();
         // Kept: 3, 4, 5. A client that saw 2 misses nothing; one that saw 1 missed 2.
         let replay = h.read("r", CatchUp::Since(all[2]));
@@ -232,7 +264,7 @@ mod tests {
 
     #[test]
     fn since_from_before_the_room_log_existed_is_not_recovered() {
-        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        let h = MemoryHistory::new(3, Duration::from_secs(60), usize::MAX);
         assert!(!h.read("r", CatchUp::Since(MessageId::new(5, 0))).recovered);
         let first = publish(&h, 1, 100);
         assert!(!h.read("r", CatchUp::Since(MessageId::new(5, 0))).recovered);
@@ -241,7 +273,7 @@ mod tests {
 
     #[test]
     fn last_n_gives_at_most_what_is_kept() {
-        let h = MemoryHistory::new(3, Duration::from_secs(60));
+        let h = MemoryHistory::new(3, Duration::from_secs(60), usize::MAX);
         assert!(h.read("r", CatchUp::Last(5)).messages.is_empty());
         let all: Vec<_> = (0..5).map(|n| publish(&h, n, 100 + n as u64)).collect();
         assert_eq!(ids(&h.read("r", CatchUp::Last(2))), all[3..].to_vec());
@@ -250,7 +282,7 @@ mod tests {
 
     #[test]
     fn a_repeated_key_is_stored_once_and_answers_the_first_id() {
-        let h = MemoryHistory::new(10, Duration::from_secs(60));
+        let h = MemoryHistory::new(10, Duration::from_secs(60), usize::MAX);
         let mut published = 0;
         let first = h.append("r", &template(1), Some("k"), 100, |_| published += 1);
         let again = h.append("r", &template(1), Some("k"), 200, |_| published += 1);
@@ -264,8 +296,22 @@ mod tests {
     }
 
     #[test]
+    fn past_the_byte_budget_the_room_silent_the_longest_is_dropped() {
+        let frame_bytes = template(1).with_id(MessageId::new(100, 0)).len();
+        let h = MemoryHistory::new(10, Duration::from_secs(60), frame_bytes * 3);
+        let old = h.append("old", &template(1), None, 100, |_| {}).id;
+        std::thread::sleep(Duration::from_millis(2));
+        h.append("new", &template(1), None, 101, |_| {});
+        h.append("new", &template(2), None, 102, |_| {});
+        assert_eq!(h.size(), (2, 3));
+        h.append("new", &template(3), None, 103, |_| {});
+        assert_eq!(h.size(), (1, 3), "the old room went, the busy one stays");
+        assert!(!h.read("old", CatchUp::Since(old)).recovered);
+    }
+
+    #[test]
     fn silent_rooms_expire_and_new_ids_stay_above_old_ones() {
-        let h = MemoryHistory::new(10, Duration::from_millis(50));
+        let h = MemoryHistory::new(10, Duration::from_millis(50), usize::MAX);
         let old = publish(&h, 1, 1_000);
         h.expire(Instant::now() + Duration::from_millis(100));
         assert_eq!(h.size(), (0, 0));

@@ -158,9 +158,11 @@ pub async fn publish(
                 return bad_body(format!("\"key\" must be 1 to {MAX_KEY_BYTES} bytes"));
             }
             let template = MessageTemplate::new(&room, from, request.data);
+            // Scoped to the sender, as for clients.
+            let key = request.key.map(|key| format!("{from}/{key}"));
             match node
                 .broker
-                .publish_room(&room, template, request.key.as_deref())
+                .publish_room(&room, template, key.as_deref())
                 .await
             {
                 Ok(stored) => Json(json!({"id": stored.id.to_string()})).into_response(),

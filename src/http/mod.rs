@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,7 +33,10 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(console))
         .route("/auth/ticket", post(api::ticket))
-        .route("/api/publish", post(api::publish))
+        .route(
+            "/api/publish",
+            post(api::publish).layer(DefaultBodyLimit::max(state.config.max_message_bytes)),
+        )
         .with_state(state)
 }
 
@@ -65,19 +68,6 @@ async fn upgrade(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "this node is draining; connect to another one",
-        ));
-    }
-    let admitted = node
-        .upgrades
-        .lock()
-        .map(|mut bucket| bucket.try_take(tokio::time::Instant::now()))
-        .unwrap_or(false);
-    if !admitted {
-        node.stats.upgrade_refused("upgrade_rate");
-        return retry_soon(refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "too many new connections right now (UPGRADE_RATE); retry shortly",
         ));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
@@ -112,6 +102,21 @@ async fn upgrade(
             return refuse(status, code, message);
         }
     };
+    // Paced after authentication, so junk upgrades cannot use up the
+    // budget that real clients reconnecting after a failure need.
+    let admitted = node
+        .upgrades
+        .lock()
+        .map(|mut bucket| bucket.try_take(tokio::time::Instant::now()))
+        .unwrap_or(false);
+    if !admitted {
+        node.stats.upgrade_refused("upgrade_rate");
+        return retry_soon(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "too many new connections right now (UPGRADE_RATE); retry shortly",
+        ));
+    }
     let Some(user_slot) = node.connections_per_user.admit(identity.user.clone()) else {
         node.stats.upgrade_refused("user_limit");
         return refuse(

@@ -319,7 +319,7 @@ mod tests {
     use std::time::Duration;
 
     fn hub() -> (Arc<Hub>, Arc<MemoryBroker>, Arc<Stats>) {
-        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60));
+        let (broker, _incoming) = MemoryBroker::start(10, Duration::from_secs(60), usize::MAX);
         let stats = Arc::new(Stats::new());
         let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
         (hub, broker, stats)

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::support::{refused_upgrade, token, unix_now, Client, Ending, TestNode};
 
-const SECRET: &str = "test-secret";
+const SECRET: &str = "test-secret-0123456789";
 
 async fn jwt_node() -> TestNode {
     TestNode::start(&["--jwt-secret", SECRET, "--jwt-leeway", "0s"]).await
@@ -105,9 +105,9 @@ async fn an_expiring_session_is_warned_then_closed_with_4001() {
 #[tokio::test]
 async fn a_refresh_with_a_valid_token_for_the_same_user_keeps_the_session_open() {
     let node = jwt_node().await;
-    // Within 30 s of exp, so `expiring` comes at once; 10 s leaves time for
-    // the round trips below on a loaded machine.
-    let short = token(SECRET, json!({"sub":"alice","exp":unix_now()+10}));
+    // Within 30 s of exp, so `expiring` comes at once; 4 s leaves time for
+    // the round trips below, and the wait below outlasts it.
+    let short = token(SECRET, json!({"sub":"alice","exp":unix_now()+4}));
     let mut client = Client::connect(&node.ws_url(&format!("token={short}"))).await;
     client.expect("expiring").await;
 
@@ -130,7 +130,8 @@ async fn a_refresh_with_a_valid_token_for_the_same_user_keeps_the_session_open()
         client.expect("refreshed").await,
         json!({"type":"refreshed","exp":exp,"ref":3})
     );
-    client.expect_silence(Duration::from_secs(3)).await;
+    // Past the first token's exp: the refresh is what keeps the session open.
+    client.expect_silence(Duration::from_secs(5)).await;
     client.send(json!({"type":"ping"})).await;
     client.expect("pong").await;
 }

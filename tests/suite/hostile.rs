@@ -407,6 +407,35 @@ async fn hostile_frames_get_their_documented_answer_and_harm_nobody() {
     assert_eq!(forged["from"], "eve");
     arena.bystander_still_served("forged from").await;
 
+    // Idempotency keys are the sender's: eve cannot pre-empt the speaker's key.
+    eve.send(json!({"type":"publish","room":"watch","data":"shadow","key":"k-1"}))
+        .await;
+    arena.sent += 1;
+    let speaker_n = arena.sent;
+    arena
+        .speaker
+        .send(json!({"type":"publish","room":"watch","data":speaker_n,"key":"k-1"}))
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let frame = arena.watcher.recv().await;
+        if frame["type"] == "message" {
+            seen.push((frame["from"].clone(), frame["data"].clone()));
+        }
+    }
+    // Two senders: either may come first; both are delivered.
+    seen.sort_by_key(|(from, _)| from.to_string());
+    assert_eq!(
+        seen,
+        vec![
+            (json!("eve"), json!("shadow")),
+            (json!("speaker"), json!(speaker_n))
+        ]
+    );
+    arena
+        .bystander_still_served("a borrowed idempotency key")
+        .await;
+
     // Too many rooms.
     for room in ["a", "b", "c", "d", "e"] {
         eve.join(room).await;
@@ -462,10 +491,10 @@ async fn broken_websocket_framing_closes_only_the_offender() {
     assert_eq!(
         raw.close_code().await,
         Some(1009),
-        "fragments that never end"
+        "fragments past the size limit"
     );
     arena
-        .bystander_still_served("fragments that never end")
+        .bystander_still_served("fragments past the size limit")
         .await;
 
     let mut raw = RawSocket::connect(addr, &path("eve")).await;
@@ -602,6 +631,17 @@ async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
     // Spoofing one more hop in front does not help: the proxy's own entry counts.
     let (status, _) = refused_upgrade(&url, &behind("10.9.9.9, 198.51.100.1")).await;
     assert_eq!(status, 429);
+
+    // Without TRUSTED_PROXIES the header means nothing: the peer address counts.
+    let direct = TestNode::start(&["--max-connections-per-ip", "2"]).await;
+    let url = direct.ws_url("user=u");
+    let _d = Client::connect_with(&url, &behind("203.0.113.1")).await;
+    let _e = Client::connect_with(&url, &behind("203.0.113.2")).await;
+    let (status, _) = refused_upgrade(&url, &behind("203.0.113.3")).await;
+    assert_eq!(
+        status, 429,
+        "a forged X-Forwarded-For from an untrusted peer is ignored"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -383,7 +383,7 @@ async fn a_member_gets_only_new_messages_after_the_subscriber_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_from_one_node_works_once_on_another_and_the_api_reaches_every_node() {
-    const SECRET: &str = "cluster-secret";
+    const SECRET: &str = "cluster-secret-0123456789";
     const KEY: &str = "cluster-api-key-0123456789";
     let cluster = Cluster::on_redis(2, &["--jwt-secret", SECRET, "--api-keys", KEY]).await;
     let token = crate::support::token(
