@@ -227,6 +227,11 @@ struct RoomTail {
     /// The newest id handed to local fan-out: anything at or below is a
     /// duplicate (e.g. delivered again after a reconnect's catch-up).
     dispatched: Option<MessageId>,
+    /// The stream's newest id when the node subscribed: older messages
+    /// predate every local member (joins replay them on request), so a
+    /// reconnect's catch-up starts above it. Kept apart from `dispatched`:
+    /// raising that would drop live messages a member still needs.
+    subscribed_after: Option<MessageId>,
 }
 
 #[derive(Default)]
@@ -410,7 +415,7 @@ impl RedisBroker {
     async fn catch_up_rooms(&self) {
         let rooms: Vec<(Arc<str>, Option<MessageId>)> = lock(&self.tails)
             .iter()
-            .map(|(room, tail)| (room.clone(), tail.dispatched))
+            .map(|(room, tail)| (room.clone(), tail.dispatched.max(tail.subscribed_after)))
             .collect();
         for (room, dispatched) in rooms {
             let mut attempt = 0;
@@ -506,7 +511,7 @@ impl RedisBroker {
         match read {
             Ok(Some(snapshot)) => {
                 let newest = snapshot.messages.last().and_then(|m| m.id);
-                tail.dispatched = tail.dispatched.max(newest);
+                tail.subscribed_after = tail.subscribed_after.max(newest);
                 tail.log.merge(
                     snapshot.messages,
                     snapshot.complete_after,

@@ -255,3 +255,178 @@ fn compose_dockerfile_and_nginx_agree_with_each_other_and_with_the_config() {
     assert!(nginx.contains("proxy_read_timeout 75s;"));
     assert!(Duration::from_secs(75) > heartbeat * 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open: after the third node's restart nginx answers 'no live upstreams' for ~80 s \
+            although every node is up and ready (see docs/DEPLOY.md, known problems)"]
+async fn a_rolling_restart_of_every_node_loses_and_repeats_nothing() {
+    const CLIENTS: usize = 200;
+    const ROOMS: usize = 20;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = |n: usize| -> Vec<String> {
+        [
+            "--redis-url",
+            &url,
+            "--node-id",
+            &format!("node{n}"),
+            "--drain-timeout",
+            "1s",
+            "--rate-limit",
+            "1000",
+            "--rate-burst",
+            "1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let start = |bind: &str, n: usize| {
+        let args = args(n);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProcess::spawn_at(bind, &args)
+    };
+    let mut processes: Vec<NodeProcess> = (1..=3).map(|n| start("127.0.0.1:0", n)).collect();
+    let addrs: Vec<_> = processes.iter().map(|p| p.addr).collect();
+    let nginx = Nginx::start(&addrs, None);
+    let (https, tls) = (nginx.https, nginx.tls());
+
+    let publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Clients whose publishes are all acked: reading stops only once all are.
+    let settled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let base = nginx.wss_url("user=");
+        let tls = tls.clone();
+        let publishing = publishing.clone();
+        let settled = settled.clone();
+        tasks.push(tokio::spawn(async move {
+            let room = format!("room-{}", i % ROOMS);
+            let mut client = ResumingClient::new(&format!("client-{i}"), move |user| {
+                let url = format!("{base}{user}");
+                let tls = tls.clone();
+                async move { Client::try_connect_tls(&url, https, tls).await }.boxed()
+            })
+            .await;
+            client.join(&room).await;
+            let mut seq = 0u64;
+            let every = Duration::from_millis(400);
+            let mut next = tokio::time::Instant::now() + every.mul_f64(fastrand::f64());
+            while publishing.load(std::sync::atomic::Ordering::Acquire) {
+                if tokio::time::Instant::now() >= next {
+                    seq += 1;
+                    client
+                        .publish(&room, json!({"by": i, "seq": seq}), &format!("{i}-{seq}"))
+                        .await;
+                    next += every;
+                }
+                client.step(Duration::from_millis(50)).await;
+            }
+            // Settle: every publish acked, everybody's, then nothing more to read.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while client.unacked() > 0 && tokio::time::Instant::now() < deadline {
+                client.step(Duration::from_millis(200)).await;
+            }
+            settled.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            while settled.load(std::sync::atomic::Ordering::Acquire) < CLIENTS
+                && tokio::time::Instant::now() < deadline
+            {
+                client.step(Duration::from_millis(200)).await;
+            }
+            while client.step(Duration::from_secs(2)).await {}
+            (room, client)
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (n, process) in processes.iter_mut().enumerate() {
+        let bind = process.addr.to_string();
+        process.signal("TERM");
+        assert_eq!(process.wait_exit(Duration::from_secs(15)), Some(0));
+        *process = start(&bind, n + 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    for process in &mut processes {
+        assert!(
+            process.child.try_wait().unwrap().is_none(),
+            "restarted node runs"
+        );
+        let (status, body) = crate::support::http_get(process.addr, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    publishing.store(false, std::sync::atomic::Ordering::Release);
+
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    let resumed: usize = clients.iter().map(|(_, c)| c.reconnects).sum();
+    assert!(
+        resumed >= CLIENTS / 2,
+        "the restarts moved clients: {resumed}"
+    );
+    for r in 0..ROOMS {
+        let room = format!("room-{r}");
+        let members: Vec<&ResumingClient> = clients
+            .iter()
+            .filter(|(name, _)| *name == room)
+            .map(|(_, c)| c)
+            .collect();
+        for member in &members {
+            assert_eq!(member.unacked(), 0, "{} has unacked publishes", member.user);
+            assert_eq!(member.unrecovered, 0, "{} missed history", member.user);
+        }
+        for member in &members {
+            let messages = &member.messages[&room];
+            let ids: Vec<(u64, u64)> = messages.iter().map(id_of).collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "{}: in order, no duplicates",
+                member.user
+            );
+            let seen: BTreeSet<String> = messages.iter().map(key_of).collect();
+            assert_eq!(
+                seen.len(),
+                messages.len(),
+                "{}: each message once",
+                member.user
+            );
+            // Its own publishes all came back to it (it joined before publishing).
+            for key in &member.acked {
+                assert!(seen.contains(key), "{} lost its own {key}", member.user);
+            }
+            // And everything anybody published after its first message reached it.
+            let first = ids.first().copied().unwrap_or((u64::MAX, 0));
+            for other in &members {
+                for message in &other.messages[&room] {
+                    if id_of(message) > first && !seen.contains(&key_of(message)) {
+                        let missing = id_of(message);
+                        let around: Vec<_> = messages
+                            .iter()
+                            .map(|m| (id_of(m), key_of(m)))
+                            .filter(|(id, _)| id.0 + 3000 > missing.0 && id.0 < missing.0 + 3000)
+                            .collect();
+                        panic!(
+                            "{} lost {} {:?} (reconnects {}, first {:?}); around: {:?}",
+                            member.user,
+                            key_of(message),
+                            missing,
+                            member.reconnects,
+                            first,
+                            around
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn id_of(message: &serde_json::Value) -> (u64, u64) {
+    let (ms, seq) = message["id"].as_str().unwrap().split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+fn key_of(message: &serde_json::Value) -> String {
+    format!("{}-{}", message["data"]["by"], message["data"]["seq"])
+}

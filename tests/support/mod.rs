@@ -299,8 +299,14 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts `roomcast` on a free port and waits for its listening line.
     pub fn spawn(args: &[&str]) -> NodeProcess {
+        Self::spawn_at("127.0.0.1:0", args)
+    }
+
+    /// Starts `roomcast` listening on `bind` (a fixed port, for restarts
+    /// behind a proxy).
+    pub fn spawn_at(bind: &str, args: &[&str]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["--bind", "127.0.0.1:0"])
+            .args(["--bind", bind])
             .args(args)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
@@ -911,7 +917,9 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("KEEP_NGINX").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -971,6 +979,11 @@ pub struct ResumingClient {
     pub messages: HashMap<String, Vec<Value>>,
     pub reconnects: usize,
     pub unrecovered: usize,
+    /// Publishes not acked yet, by key: sent again (same key, so stored once)
+    /// after every reconnect.
+    pending: std::collections::BTreeMap<String, Value>,
+    /// Keys of acked publishes.
+    pub acked: Vec<String>,
 }
 
 impl ResumingClient {
@@ -989,6 +1002,8 @@ impl ResumingClient {
             messages: HashMap::new(),
             reconnects: 0,
             unrecovered: 0,
+            pending: Default::default(),
+            acked: Vec::new(),
         };
         client.reconnect().await;
         client
@@ -996,6 +1011,7 @@ impl ResumingClient {
 
     async fn reconnect(&mut self) {
         let mut attempt = 0u32;
+        let mut last_error = String::new();
         loop {
             match (self.connect)(self.user.clone()).await {
                 Ok(mut client) if client.welcome["type"] == "welcome" => {
@@ -1008,14 +1024,26 @@ impl ResumingClient {
                             break;
                         }
                     }
+                    for frame in self.pending.values() {
+                        if !client.try_send_text(&frame.to_string()).await {
+                            break;
+                        }
+                    }
                     self.client = Some(client);
                     return;
                 }
-                _ => {
+                other => {
+                    if let Err(err) = other {
+                        last_error = err;
+                    }
                     let ceiling = Duration::from_millis(50).saturating_mul(1 << attempt.min(6));
                     tokio::time::sleep(ceiling.mul_f64(fastrand::f64())).await;
                     attempt += 1;
-                    assert!(attempt < 60, "{} could not reconnect", self.user);
+                    assert!(
+                        attempt < 60,
+                        "{} could not reconnect: {last_error}",
+                        self.user
+                    );
                 }
             }
         }
@@ -1027,34 +1055,64 @@ impl ResumingClient {
         client.send(json!({"type": "join", "room": room})).await;
     }
 
+    /// Publishes with an idempotency key; retried after reconnects until acked.
+    pub async fn publish(&mut self, room: &str, data: Value, key: &str) {
+        let frame = json!({"type": "publish", "room": room, "data": data, "key": key, "ref": key});
+        self.pending.insert(key.to_string(), frame.clone());
+        if let Some(client) = self.client.as_mut() {
+            // A failed send is retried after the reconnect.
+            let _ = client.try_send_text(&frame.to_string()).await;
+        }
+    }
+
+    pub fn unacked(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Handles frames until `count` messages of `room` were seen or `wait`
     /// passed without any frame; reconnects and resumes whenever the
     /// connection ends.
     pub async fn read_until(&mut self, room: &str, count: usize, wait: Duration) {
         while self.messages.get(room).map_or(0, Vec::len) < count {
-            let client = self.client.as_mut().expect("connected");
-            match tokio::time::timeout(wait, client.ws.next()).await {
-                Err(_) => return,
-                Ok(Some(Ok(Message::Text(text)))) => {
-                    let frame: Value = serde_json::from_str(&text).expect("JSON");
-                    match frame["type"].as_str() {
-                        Some("message") => {
-                            let room = frame["room"].as_str().unwrap_or_default().to_string();
-                            if let Some(id) = frame["id"].as_str() {
-                                self.last_ids.insert(room.clone(), id.to_string());
-                            }
-                            self.messages.entry(room).or_default().push(frame);
+            if !self.step(wait).await {
+                return;
+            }
+        }
+    }
+
+    /// Handles one frame (or a reconnect); false when `wait` passed first.
+    pub async fn step(&mut self, wait: Duration) -> bool {
+        let client = self.client.as_mut().expect("connected");
+        match tokio::time::timeout(wait, client.ws.next()).await {
+            Err(_) => false,
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let frame: Value = serde_json::from_str(&text).expect("JSON");
+                match frame["type"].as_str() {
+                    Some("message") => {
+                        let room = frame["room"].as_str().unwrap_or_default().to_string();
+                        if let Some(id) = frame["id"].as_str() {
+                            self.last_ids.insert(room.clone(), id.to_string());
                         }
-                        Some("joined") if frame["recovered"] == false => self.unrecovered += 1,
-                        _ => {}
+                        self.messages.entry(room).or_default().push(frame);
                     }
+                    Some("ack") => {
+                        if let Some(key) = frame["ref"].as_str() {
+                            if self.pending.remove(key).is_some() {
+                                self.acked.push(key.to_string());
+                            }
+                        }
+                    }
+                    Some("joined") if frame["recovered"] == false => self.unrecovered += 1,
+                    _ => {}
                 }
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(_))) | Ok(None) => {
-                    self.client = None;
-                    self.reconnects += 1;
-                    self.reconnect().await;
-                }
+                true
+            }
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(_))) | Ok(None) => {
+                self.client = None;
+                self.reconnects += 1;
+                self.reconnect().await;
+                true
             }
         }
     }
