@@ -257,8 +257,6 @@ fn compose_dockerfile_and_nginx_agree_with_each_other_and_with_the_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: after the third node's restart nginx answers 'no live upstreams' for ~80 s \
-            although every node is up and ready (see docs/DEPLOY.md, known problems)"]
 async fn a_rolling_restart_of_every_node_loses_and_repeats_nothing() {
     const CLIENTS: usize = 200;
     const ROOMS: usize = 20;

@@ -830,10 +830,7 @@ impl Nginx {
         }
         for n in nodes.len()..3 {
             // Fewer nodes than the template names: drop the extra upstream.
-            config = config.replace(
-                &format!("server node{}:8080 max_fails=2 fail_timeout=5s;", n + 1),
-                "",
-            );
+            config = config.replace(&format!("server node{}:8080 max_fails=0;", n + 1), "");
             config = config.replace(
                 &format!("http://node{}:8080/", n + 1),
                 "http://127.0.0.1:9/",
@@ -917,6 +914,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // KEEP_NGINX=1 keeps its logs and config for a look after a failure.
         if std::env::var_os("KEEP_NGINX").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
