@@ -60,8 +60,19 @@ async fn clients_through_wss_on_nginx_land_on_different_nodes_and_talk() {
 
     // Query strings (tokens, tickets) never reach nginx's access log.
     let url = nginx.wss_url("user=logged&token=SECRET-IN-QUERY");
-    Client::connect_tls(&url, nginx.https, nginx.tls()).await;
-    let log = std::fs::read_to_string(nginx.dir.join("access.log")).unwrap_or_default();
+    Client::connect_tls(&url, nginx.https, nginx.tls())
+        .await
+        .close()
+        .await;
+    // nginx logs a WebSocket request when it ends, a moment after the close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(nginx.dir.join("access.log")).unwrap_or_default();
+        if log.contains("GET /ws") || tokio::time::Instant::now() > deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(log.contains("GET /ws"), "{log}");
     assert!(!log.contains("SECRET-IN-QUERY"), "{log}");
 }
