@@ -715,6 +715,104 @@ mod tests {
         assert!(accepted > 0);
     }
 
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Any JSON value, a few levels deep.
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,12}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(".{0,6}", inner, 0..6)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Frames built from the protocol's own field names, with any values.
+        fn frame() -> impl Strategy<Value = serde_json::Value> {
+            let kind = prop_oneof![
+                Just("join"),
+                Just("leave"),
+                Just("publish"),
+                Just("direct"),
+                Just("broadcast"),
+                Just("presence"),
+                Just("ping"),
+                Just("refresh"),
+                Just("other"),
+            ];
+            let fields = prop::collection::btree_map(
+                prop_oneof![
+                    Just("room"),
+                    Just("since"),
+                    Just("last"),
+                    Just("data"),
+                    Just("key"),
+                    Just("to"),
+                    Just("token"),
+                    Just("ref"),
+                    Just("from"),
+                ],
+                json_value(),
+                0..6,
+            );
+            (kind, fields).prop_map(|(kind, fields)| {
+                let mut object: serde_json::Map<String, serde_json::Value> = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                object.insert("type".into(), kind.into());
+                serde_json::Value::Object(object)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// Any text at all: an answer, never a panic.
+            #[test]
+            fn any_text_parses_or_is_rejected(text in ".{0,300}") {
+                let _ = parse_client_frame(&text);
+            }
+
+            /// Frames of the protocol's shape: accepted ones are valid by the
+            /// protocol's rules, rejected ones say why, and a `ref` within
+            /// limits is always echoed.
+            #[test]
+            fn protocol_shaped_frames_are_validated(frame in frame()) {
+                let text = frame.to_string();
+                let parsed = parse_client_frame(&text);
+                match &parsed.request {
+                    Ok(Request::Join { room, .. } | Request::Leave { room } | Request::Presence { room }) => {
+                        prop_assert!(validate_room(room).is_ok());
+                    }
+                    Ok(Request::Publish { room, data, key }) => {
+                        prop_assert!(validate_room(room).is_ok());
+                        prop_assert!(json_depth(data.get()) <= MAX_JSON_DEPTH);
+                        prop_assert!(key.as_ref().is_none_or(|k| !k.is_empty() && k.len() <= MAX_KEY_BYTES));
+                    }
+                    Ok(Request::Direct { to, .. }) => prop_assert!(validate_user(to).is_ok()),
+                    Ok(_) => {}
+                    Err(rejection) => prop_assert!(!rejection.message.is_empty()),
+                }
+                if let Some(reference) = frame.get("ref") {
+                    let raw = reference.to_string();
+                    if raw.len() <= MAX_REF_BYTES && !reference.is_null() {
+                        prop_assert_eq!(parsed.reference.map(|r| r.get().to_string()), Some(raw));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn escaped_strings_are_accepted() {
         assert!(matches!(
