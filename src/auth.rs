@@ -337,7 +337,7 @@ mod tests {
     use serde_json::json;
 
     fn now() -> u64 {
-        crate::broker::memory::now_ms() / 1000
+        crate::protocol::now_ms() / 1000
     }
 
     fn token(claims: serde_json::Value, secret: &str) -> String {

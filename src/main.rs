@@ -56,7 +56,7 @@ fn print_token(config: &Config, args: &TokenArgs) -> ExitCode {
         eprintln!("roomcast token: set JWT_SECRET (tokens for JWT_PUBLIC_KEY are signed by your identity provider)");
         return ExitCode::FAILURE;
     };
-    let now = roomcast::broker::memory::now_ms() / 1000;
+    let now = roomcast::protocol::now_ms() / 1000;
     match roomcast::auth::mint_hs256(
         secret,
         args,

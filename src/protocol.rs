@@ -79,6 +79,14 @@ impl fmt::Display for MessageId {
     }
 }
 
+/// Milliseconds since the Unix epoch: the clock of message ids and token expiry.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a message id looks like \"1700000000000-0\" (<ms>-<seq>)")]
 pub struct BadMessageId;

@@ -18,15 +18,14 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::auth::Identity;
-use crate::broker::memory::now_ms;
 use crate::broker::Channel;
 use crate::config::Config;
 use crate::hub::{CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound};
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
-    encode_error, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate, Parsed,
-    Rejection, Request, RoomFrame, ServerFrame,
+    encode_error, now_ms, parse_client_frame, CatchUp, ErrorCode, MessageId, MessageTemplate,
+    Parsed, Rejection, Request, RoomFrame, ServerFrame,
 };
 use crate::stats::Stats;
 

@@ -203,7 +203,6 @@ impl Stats {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let plain = |v: u64| vec![(String::new(), v as f64)];
         for (name, help, value) in gauges {
             metric(name, "gauge", help, &[(String::new(), *value)]);
         }
@@ -213,77 +212,68 @@ impl Stats {
             "Seconds since the node started",
             &[(String::new(), self.uptime().as_secs_f64())],
         );
-        metric(
-            "roomcast_connections_opened_total",
-            "counter",
-            "WebSocket sessions accepted",
-            &plain(c.connections_opened),
-        );
-        metric(
-            "roomcast_messages_in_total",
-            "counter",
-            "Text frames received from clients",
-            &plain(c.messages_in),
-        );
-        metric(
-            "roomcast_bytes_in_total",
-            "counter",
-            "Bytes of text frames received from clients",
-            &plain(c.bytes_in),
-        );
-        metric(
-            "roomcast_messages_out_total",
-            "counter",
-            "Frames written to clients",
-            &plain(c.messages_out),
-        );
-        metric(
-            "roomcast_bytes_out_total",
-            "counter",
-            "Bytes of text frames written to clients",
-            &plain(c.bytes_out),
-        );
-        metric(
-            "roomcast_slow_consumer_closes_total",
-            "counter",
-            "Connections closed with 4008 because their queue was full",
-            &plain(c.slow_consumer_closes),
-        );
-        let labelled = |label: &str, map: Vec<(String, u64)>| {
-            map.into_iter()
-                .map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), v as f64))
-                .collect::<Vec<_>>()
-        };
-        metric(
-            "roomcast_errors_total",
-            "counter",
-            "Error frames sent, by code",
-            &labelled(
-                "code",
-                c.errors.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        let counters = [
+            (
+                "roomcast_connections_opened_total",
+                "WebSocket sessions accepted",
+                c.connections_opened,
             ),
-        );
-        metric(
-            "roomcast_closes_total",
-            "counter",
-            "Closed connections, by close code",
-            &labelled(
-                "code",
-                c.closes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            (
+                "roomcast_messages_in_total",
+                "Text frames received from clients",
+                c.messages_in,
             ),
-        );
-        metric(
-            "roomcast_upgrades_refused_total",
-            "counter",
-            "WebSocket upgrades refused, by reason",
-            &labelled(
+            (
+                "roomcast_bytes_in_total",
+                "Bytes of text frames received from clients",
+                c.bytes_in,
+            ),
+            (
+                "roomcast_messages_out_total",
+                "Frames written to clients",
+                c.messages_out,
+            ),
+            (
+                "roomcast_bytes_out_total",
+                "Bytes of text frames written to clients",
+                c.bytes_out,
+            ),
+            (
+                "roomcast_slow_consumer_closes_total",
+                "Connections closed with 4008 because their queue was full",
+                c.slow_consumer_closes,
+            ),
+        ];
+        for (name, help, value) in counters {
+            metric(name, "counter", help, &[(String::new(), value as f64)]);
+        }
+        let by_label = [
+            (
+                "roomcast_errors_total",
+                "Error frames sent, by code",
+                "code",
+                &c.errors,
+            ),
+            (
+                "roomcast_closes_total",
+                "Closed connections, by close code",
+                "code",
+                &c.closes,
+            ),
+            (
+                "roomcast_upgrades_refused_total",
+                "WebSocket upgrades refused, by reason",
                 "reason",
-                c.upgrades_refused
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), *v))
-                    .collect(),
+                &c.upgrades_refused,
             ),
-        );
+        ];
+        for (name, help, label, values) in by_label {
+            let samples: Vec<(String, f64)> = values
+                .iter()
+                .map(|(k, v)| (format!("{{{label}=\"{k}\"}}"), *v as f64))
+                .collect();
+            metric(name, "counter", help, &samples);
+        }
         let handle = self.recorder.handle();
         handle.run_upkeep();
         out.push_str(&handle.render());

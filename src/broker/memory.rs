@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use futures::future::{self, BoxFuture, FutureExt};
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
 use crate::history::memory::MemoryHistory;
 use crate::history::{Replay, Stored};
-use crate::protocol::{CatchUp, MessageTemplate, RoomFrame};
+use crate::protocol::{now_ms, CatchUp, MessageTemplate, RoomFrame};
 
 /// Outstanding tickets above which expired ones are swept on the next put.
 const TICKETS_BEFORE_SWEEP: usize = 1024;
@@ -39,13 +39,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl MemoryBroker {

@@ -31,10 +31,9 @@ use redis::{Client, RedisError, Script, Value};
 use tokio::sync::mpsc;
 
 use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
-use crate::broker::memory::now_ms;
 use crate::history::log::{predecessor, RoomLog};
 use crate::history::{Replay, Stored};
-use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
+use crate::protocol::{now_ms, CatchUp, MessageId, MessageTemplate, RoomFrame};
 
 /// Stores a room message and publishes it, atomically.
 /// KEYS: stream, [idempotency key]. ARGV: channel, maxlen, ttl ms, prefix, suffix.
@@ -378,7 +377,12 @@ impl RedisBroker {
                     tracing::warn!(%room, "dropped a malformed room message");
                     return;
                 };
-                self.dispatch_room(room, id, Utf8Bytes::from(frame.to_string()));
+                // A view into the same buffer, not a second copy.
+                let start = text.len() - frame.len();
+                let Ok(frame) = Utf8Bytes::try_from(Bytes::from(text).slice(start..)) else {
+                    return;
+                };
+                self.dispatch_room(room, id, frame);
             }
             Channel::User(user) => self.deliver(Delivery::User { user, text }),
             Channel::Broadcast => self.deliver(Delivery::Broadcast(text)),

@@ -125,8 +125,7 @@ async fn upgrade(
             "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
         );
     };
-    let config_node = node.clone();
-    session::configure(upgrade, &config_node.config).on_upgrade(move |socket| async move {
+    session::configure(upgrade, &node.config).on_upgrade(move |socket| async move {
         let _slots = (ip_slot, user_slot);
         session::run(socket, node, identity, client_ip).await
     })
