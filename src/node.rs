@@ -21,6 +21,11 @@ use crate::limits::{ConnectionCounts, IpNet, TokenBucket};
 use crate::stats::Stats;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+/// How often a node shares its stats snapshot (the dashboard's tick), and
+/// how long a snapshot counts when no newer one comes.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+const STATS_TTL: Duration = Duration::from_secs(5);
+
 /// What the HTTP handlers and sessions of a node share.
 pub struct NodeState {
     pub config: Config,
@@ -113,6 +118,7 @@ pub struct Node {
     stop_server: oneshot::Sender<()>,
     server: JoinHandle<()>,
     listener: JoinHandle<()>,
+    stats_sharer: JoinHandle<()>,
 }
 
 impl Node {
@@ -216,6 +222,7 @@ impl Node {
                 tracing::error!(error = %err, "HTTP server failed");
             }
         });
+        let stats_sharer = tokio::spawn(share_stats(state.clone()));
         tracing::info!(node = %state.node_id, %addr, broker = state.broker.kind(), "node started");
         Ok(Node {
             state,
@@ -223,6 +230,7 @@ impl Node {
             stop_server,
             server,
             listener: listener_task,
+            stats_sharer,
         })
     }
 
@@ -274,6 +282,29 @@ impl Node {
             server.abort();
         }
         self.listener.abort();
+        self.stats_sharer.abort();
         tracing::info!(node = %state.node_id, "stopped");
+    }
+}
+
+/// Every [`STATS_INTERVAL`]: closes the latency window and shares this
+/// node's snapshot through the broker, for `/stats?scope=cluster`.
+async fn share_stats(state: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.stats.roll_latency_window();
+        let snapshot = crate::http::monitoring::snapshot(&state);
+        let Ok(text) = serde_json::to_string(&snapshot) else {
+            continue;
+        };
+        if let Err(err) = state
+            .broker
+            .put_node_stats(&state.node_id, text, STATS_TTL)
+            .await
+        {
+            tracing::debug!(error = %err, "sharing stats failed");
+        }
     }
 }

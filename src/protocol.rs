@@ -81,9 +81,14 @@ impl fmt::Display for MessageId {
 
 /// Milliseconds since the Unix epoch: the clock of message ids and token expiry.
 pub fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+/// Microseconds since the Unix epoch, for latencies measured against ids.
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 

@@ -29,9 +29,11 @@ use crate::protocol::{
 };
 use crate::stats::Stats;
 
-/// Read buffer per socket. tungstenite's default (128 KiB, allocated up
-/// front) would dominate the memory of an idle connection.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Read buffer per socket, allocated up front and also the most read per
+/// syscall. tungstenite's default (128 KiB) would dominate the memory of an
+/// idle connection; client frames are mostly small, and a large one costs a
+/// few more reads, not more memory.
+const READ_BUFFER_BYTES: usize = 1024;
 /// Outgoing bytes buffered before a write is forced.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Frames written per flush at most.
@@ -120,7 +122,9 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, cl
     }
     .encode();
     mailbox.offer(Outbound::Frame(welcome.into()), &node.stats);
-    let registered = node.hub.connect(conn, user.clone(), mailbox.clone()).await;
+    // Boxed, like the disconnect: one-off futures that would otherwise
+    // size this connection's whole task for its whole life.
+    let registered = Box::pin(node.hub.connect(conn, user.clone(), mailbox.clone())).await;
     let writer = tokio::spawn(writer.run());
     let reason = match registered {
         Ok(()) => {
@@ -146,7 +150,7 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, cl
             CloseReason::INTERNAL
         }
     };
-    node.hub.disconnect(conn).await;
+    Box::pin(node.hub.disconnect(conn)).await;
     drop(mailbox);
     let _ = writer.await;
     node.stats.connection_closed(reason.code);
@@ -183,7 +187,7 @@ impl Reader {
                 biased;
                 reason = close.closed() => {
                     if reason.send_frame {
-                        self.await_peer_close(&mut stream).await;
+                        Box::pin(self.await_peer_close(&mut stream)).await;
                     }
                     return reason;
                 }
@@ -193,7 +197,9 @@ impl Reader {
                 message = stream.next() => match message {
                     Some(Ok(message)) => {
                         self.liveness.touch();
-                        if let Some(reason) = self.on_message(message).await {
+                        // Boxed: the reader future stays small while idle,
+                        // which is what most connections are.
+                        if let Some(reason) = Box::pin(self.on_message(message)).await {
                             close.close(reason);
                         }
                     }

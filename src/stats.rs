@@ -17,6 +17,12 @@ use crate::protocol::ErrorCode;
 const FANOUT_SECONDS: &str = "roomcast_fanout_seconds";
 const MESSAGE_BYTES: &str = "roomcast_message_bytes";
 const PUBLISH_SECONDS: &str = "roomcast_publish_seconds";
+const DELIVERY_LATENCY_SECONDS: &str = "roomcast_delivery_latency_seconds";
+
+/// Width of one bucket of the latency window, and how many there are: 100 µs
+/// steps up to 100 ms; slower deliveries share the last bucket (and `max`).
+const LATENCY_STEP_US: u64 = 100;
+const LATENCY_BUCKETS: usize = 1000;
 
 pub struct Stats {
     started: Instant,
@@ -33,6 +39,71 @@ pub struct Stats {
     fanout_seconds: Histogram,
     message_bytes: Histogram,
     publish_seconds: Histogram,
+    delivery_latency_seconds: Histogram,
+    latency_window: LatencyWindow,
+    last_latency: Mutex<LatencySummary>,
+}
+
+/// Publish-to-deliver latencies since the window was last taken: a
+/// dashboard wants "now", which cumulative Prometheus buckets do not give.
+struct LatencyWindow {
+    buckets: Box<[AtomicU64]>,
+    max_us: AtomicU64,
+}
+
+/// One window of publish-to-deliver latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl LatencyWindow {
+    fn new() -> Self {
+        LatencyWindow {
+            buckets: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            max_us: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, us: u64) {
+        let bucket = ((us / LATENCY_STEP_US) as usize).min(LATENCY_BUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.max_us.fetch_max(us, Relaxed);
+    }
+
+    /// Empties the window and summarises what it held. Percentiles are the
+    /// upper edge of their bucket (never below the truth), capped by `max`.
+    fn take(&self) -> LatencySummary {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.swap(0, Relaxed)).collect();
+        let max_us = self.max_us.swap(0, Relaxed);
+        let count: u64 = counts.iter().sum();
+        if count == 0 {
+            return LatencySummary::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        let percentile = |q: f64| {
+            let rank = ((count as f64 * q).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (bucket, n) in counts.iter().enumerate() {
+                seen += n;
+                if seen >= rank && bucket < LATENCY_BUCKETS - 1 {
+                    return ms(((bucket as u64 + 1) * LATENCY_STEP_US).min(max_us));
+                }
+            }
+            ms(max_us)
+        };
+        LatencySummary {
+            count,
+            p50: percentile(0.5),
+            p90: percentile(0.9),
+            p99: percentile(0.99),
+            max: ms(max_us),
+        }
+    }
 }
 
 /// The counters as `/stats` shows them.
@@ -77,6 +148,12 @@ impl Stats {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(
+                    Matcher::Full(DELIVERY_LATENCY_SECONDS.into()),
+                    &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
                     Matcher::Full(MESSAGE_BYTES.into()),
                     &[
                         64.0,
@@ -113,6 +190,14 @@ impl Stats {
             recorder.register_histogram(&Key::from_name(PUBLISH_SECONDS), &metadata());
         let message_bytes =
             recorder.register_histogram(&Key::from_name(MESSAGE_BYTES), &metadata());
+        recorder.describe_histogram(
+            DELIVERY_LATENCY_SECONDS.into(),
+            Some(Unit::Seconds),
+            "From a room message's id (its publish time, 1 ms resolution) to its local fan-out"
+                .into(),
+        );
+        let delivery_latency_seconds =
+            recorder.register_histogram(&Key::from_name(DELIVERY_LATENCY_SECONDS), &metadata());
         Stats {
             started: Instant::now(),
             connections_opened: AtomicU64::new(0),
@@ -128,6 +213,9 @@ impl Stats {
             fanout_seconds,
             message_bytes,
             publish_seconds,
+            delivery_latency_seconds,
+            latency_window: LatencyWindow::new(),
+            last_latency: Mutex::new(LatencySummary::default()),
         }
     }
 
@@ -172,6 +260,26 @@ impl Stats {
 
     pub fn record_fanout(&self, took: Duration) {
         self.fanout_seconds.record(took.as_secs_f64());
+    }
+
+    /// A room message published at `published_ms` (its id) is being handed
+    /// to local members now.
+    pub fn record_delivery_latency(&self, published_ms: u64) {
+        let us = crate::protocol::now_us().saturating_sub(published_ms * 1000);
+        self.latency_window.record(us);
+        self.delivery_latency_seconds.record(us as f64 / 1e6);
+    }
+
+    /// Closes the current latency window; [`Stats::last_latency`] shows it
+    /// until the next one closes.
+    pub fn roll_latency_window(&self) -> LatencySummary {
+        let summary = self.latency_window.take();
+        *lock(&self.last_latency) = summary;
+        summary
+    }
+
+    pub fn last_latency(&self) -> LatencySummary {
+        *lock(&self.last_latency)
     }
 
     pub fn snapshot_counters(&self) -> Counters {
@@ -344,5 +452,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("roomcast_message_bytes_count 1"), "{text}");
+    }
+
+    #[test]
+    fn latency_window_reports_bucket_edges_and_empties_when_taken() {
+        let window = LatencyWindow::new();
+        for us in [150, 250, 250, 950, 120_000] {
+            window.record(us);
+        }
+        let summary = window.take();
+        assert_eq!(summary.count, 5);
+        assert_eq!(summary.p50, 0.3);
+        assert_eq!(summary.p90, 120.0);
+        assert_eq!(summary.max, 120.0);
+        assert_eq!(window.take(), LatencySummary::default());
+    }
+
+    #[test]
+    fn latency_percentiles_never_exceed_the_maximum() {
+        let window = LatencyWindow::new();
+        window.record(42);
+        let summary = window.take();
+        assert_eq!(
+            (summary.p50, summary.p99, summary.max),
+            (0.042, 0.042, 0.042)
+        );
     }
 }

@@ -30,6 +30,8 @@ pub struct MemoryBroker {
     presence: Mutex<HashMap<Arc<str>, UserCounts>>,
     /// Ticket → (token, expiry).
     tickets: Mutex<HashMap<String, (String, Instant)>>,
+    /// Node → (stats snapshot, expiry). Only this node ever shares here.
+    node_stats: Mutex<HashMap<String, (String, Instant)>>,
     /// Unbounded so that publishing never waits: the listener only
     /// `try_send`s to client queues, and client input is rate limited.
     deliveries: mpsc::UnboundedSender<Delivery>,
@@ -55,6 +57,7 @@ impl MemoryBroker {
             subscriptions: Mutex::new(HashMap::new()),
             presence: Mutex::new(HashMap::new()),
             tickets: Mutex::new(HashMap::new()),
+            node_stats: Mutex::new(HashMap::new()),
             deliveries,
         });
         let sweep_every =
@@ -269,6 +272,28 @@ impl Broker for MemoryBroker {
             .unwrap_or_default();
         users.sort();
         future::ready(Ok(users)).boxed()
+    }
+
+    fn put_node_stats<'a>(
+        &'a self,
+        node: &'a str,
+        snapshot: String,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        lock(&self.node_stats).insert(node.to_string(), (snapshot, Instant::now() + ttl));
+        future::ready(Ok(())).boxed()
+    }
+
+    fn node_stats(&self) -> BoxFuture<'_, Result<Vec<(String, String)>, BrokerError>> {
+        let now = Instant::now();
+        let mut all = lock(&self.node_stats);
+        all.retain(|_, (_, expires)| *expires > now);
+        let mut live: Vec<(String, String)> = all
+            .iter()
+            .map(|(node, (snapshot, _))| (node.clone(), snapshot.clone()))
+            .collect();
+        live.sort();
+        future::ready(Ok(live)).boxed()
     }
 }
 

@@ -170,4 +170,16 @@ pub trait Broker: Send + Sync {
 
     /// The users present in `room`, sorted.
     fn presence<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<Vec<String>, BrokerError>>;
+
+    /// Shares `node`'s stats snapshot (a JSON object) with every node, for
+    /// `ttl`: a node that stops sharing drops out of the cluster view.
+    fn put_node_stats<'a>(
+        &'a self,
+        node: &'a str,
+        snapshot: String,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The live snapshots of every node that shares its stats, by node.
+    fn node_stats(&self) -> BoxFuture<'_, Result<Vec<(String, String)>, BrokerError>>;
 }

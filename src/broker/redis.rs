@@ -203,6 +203,12 @@ impl Keys {
         format!("{}:ticket:{ticket}", self.prefix)
     }
 
+    /// One hash, node → "<expiry ms> <snapshot>": a single key, so it lives
+    /// on one shard of a cluster too.
+    fn node_stats(&self) -> String {
+        format!("{}:node-stats", self.prefix)
+    }
+
     fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
     }
@@ -1098,6 +1104,67 @@ impl Broker for RedisBroker {
                 .map_err(unavailable)?;
             users.sort();
             Ok(users)
+        }
+        .boxed()
+    }
+
+    fn put_node_stats<'a>(
+        &'a self,
+        node: &'a str,
+        snapshot: String,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            let expires = now_ms() + ttl.as_millis() as u64;
+            let key = self.keys.node_stats();
+            redis::pipe()
+                .hset(&key, node, format!("{expires} {snapshot}"))
+                .ignore()
+                .pexpire(&key, ttl.as_millis() as i64)
+                .ignore()
+                .query_async::<()>(&mut commands)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn node_stats(&self) -> BoxFuture<'_, Result<Vec<(String, String)>, BrokerError>> {
+        async move {
+            let mut commands = self.commands.clone();
+            let key = self.keys.node_stats();
+            let all: Vec<(String, String)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut commands)
+                .await
+                .map_err(unavailable)?;
+            let now = now_ms();
+            let (mut live, stale): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .filter_map(|(node, value)| {
+                    let (expires, snapshot) = value.split_once(' ')?;
+                    Some((
+                        node,
+                        expires.parse::<u64>().ok()? > now,
+                        snapshot.to_string(),
+                    ))
+                })
+                .partition(|(_, live, _)| *live);
+            if !stale.is_empty() {
+                let nodes: Vec<&str> = stale.iter().map(|(node, _, _)| node.as_str()).collect();
+                // Best effort: a crashed node's entry is only skipped until then.
+                let _ = redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg(&nodes)
+                    .query_async::<()>(&mut commands)
+                    .await;
+            }
+            live.sort();
+            Ok(live
+                .into_iter()
+                .map(|(node, _, snapshot)| (node, snapshot))
+                .collect())
         }
         .boxed()
     }

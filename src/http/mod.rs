@@ -1,6 +1,7 @@
 //! The node's HTTP surface: the WebSocket upgrade at `/ws` (origin and
 //! identity checked before any socket exists), health and readiness, `/stats`
-//! (JSON) and `/metrics` (Prometheus), and the console page at `/`.
+//! (JSON) and `/metrics` (Prometheus), and the pages a browser opens: the
+//! demo chat at `/` (with `/client.js`), `/dashboard` and `/console`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,26 +13,33 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::{AuthError, Credentials, Identity};
-use crate::broker::{BrokerState, BrokerStats};
 use crate::limits;
 use crate::node::NodeState;
 use crate::session;
-use crate::stats::Counters;
 
 mod api;
+pub(crate) mod monitoring;
 
 pub fn router(state: Arc<NodeState>) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/stats", get(stats))
-        .route("/metrics", get(metrics))
-        .route("/", get(console))
+        .route("/stats", get(monitoring::stats))
+        .route("/metrics", get(monitoring::metrics))
+        .route("/", get(|| page(include_str!("../../static/index.html"))))
+        .route(
+            "/dashboard",
+            get(|| page(include_str!("../../static/dashboard.html"))),
+        )
+        .route(
+            "/console",
+            get(|| page(include_str!("../../static/console.html"))),
+        )
+        .route("/client.js", get(client_js))
         .route("/auth/ticket", post(api::ticket))
         .route(
             "/api/publish",
@@ -210,105 +218,14 @@ async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-#[derive(Serialize)]
-struct NodeStats {
-    node: String,
-    uptime_seconds: f64,
-    ready: bool,
-    draining: bool,
-    connections: usize,
-    users: usize,
-    rooms: usize,
-    broker: BrokerStats,
-    #[serde(flatten)]
-    counters: Counters,
+async fn page(html: &'static str) -> Response {
+    Html(html).into_response()
 }
 
-fn node_stats(node: &NodeState) -> NodeStats {
-    let counts = node.hub.counts();
-    NodeStats {
-        node: node.node_id.to_string(),
-        uptime_seconds: node.stats.uptime().as_secs_f64(),
-        ready: node.is_ready(),
-        draining: node.is_draining(),
-        connections: counts.connections,
-        users: counts.users,
-        rooms: counts.rooms,
-        broker: node.broker.stats(),
-        counters: node.stats.snapshot_counters(),
-    }
-}
-
-async fn stats(State(node): State<Arc<NodeState>>) -> Json<NodeStats> {
-    Json(node_stats(&node))
-}
-
-async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
-    let counts = node.hub.counts();
-    let broker = node.broker.stats();
-    let up = |ok: bool| if ok { 1.0 } else { 0.0 };
-    let text = node.stats.render_prometheus(&[
-        (
-            "roomcast_connections",
-            "Open WebSocket connections",
-            counts.connections as f64,
-        ),
-        (
-            "roomcast_users",
-            "Distinct users connected",
-            counts.users as f64,
-        ),
-        (
-            "roomcast_rooms",
-            "Rooms with at least one local member",
-            counts.rooms as f64,
-        ),
-        (
-            "roomcast_ready",
-            "1 when the node accepts traffic",
-            up(node.is_ready()),
-        ),
-        (
-            "roomcast_draining",
-            "1 while the node drains",
-            up(node.is_draining()),
-        ),
-        (
-            "roomcast_broker_up",
-            "1 when the broker is reachable",
-            up(broker.state == BrokerState::Up),
-        ),
-        (
-            "roomcast_broker_channels",
-            "Broker channels this node is subscribed to",
-            broker.channels as f64,
-        ),
-        (
-            "roomcast_broker_reconnects",
-            "Times the broker subscriber connection was re-established",
-            broker.reconnects as f64,
-        ),
-        (
-            "roomcast_broker_gap_messages_recovered",
-            "Messages delivered from history after a broker reconnect",
-            broker.gap_messages_recovered as f64,
-        ),
-        (
-            "roomcast_broker_stream_reads",
-            "History reads that went to the shared store",
-            broker.stream_reads as f64,
-        ),
-    ]);
+async fn client_js() -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../static/client.js"),
     )
         .into_response()
-}
-
-async fn console() -> Html<&'static str> {
-    Html(include_str!("../../static/console.html"))
 }

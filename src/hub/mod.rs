@@ -257,6 +257,9 @@ impl Hub {
         match delivery {
             Delivery::Room(frame) => {
                 if let Some(members) = registry.rooms.get(&frame.room) {
+                    if let Some(id) = frame.id {
+                        stats.record_delivery_latency(id.ms);
+                    }
                     for mailbox in members.values() {
                         mailbox.offer(Outbound::Room(frame.clone()), stats);
                     }

@@ -1,8 +1,10 @@
 //! The HTTP endpoints ops rely on: health, readiness, /stats and /metrics.
 
+use std::time::Duration;
+
 use serde_json::json;
 
-use crate::support::{http_get, TestNode};
+use crate::support::{http_exchange, http_get, ParseJson, TestNode, WAIT};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200_on_a_running_node() {
@@ -73,9 +75,55 @@ async fn metrics_expose_prometheus_text_with_histograms() {
 }
 
 #[tokio::test]
-async fn the_console_page_is_served_at_the_root() {
+async fn the_demo_the_dashboard_the_console_and_the_client_library_are_served_by_the_node() {
     let node = TestNode::start(&[]).await;
-    let (status, body) = http_get(node.addr, "/").await;
-    assert_eq!(status, 200);
-    assert!(body.contains("new WebSocket("));
+    for (path, needle) in [
+        ("/", "/client.js"),
+        ("/dashboard", "/stats?scope=cluster"),
+        ("/console", "new WebSocket("),
+        ("/client.js", "export class RoomcastClient"),
+    ] {
+        let (status, body) = http_get(node.addr, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(body.contains(needle), "{path} lacks {needle:?}");
+        assert!(
+            !body.contains("https://"),
+            "{path} loads nothing from elsewhere"
+        );
+    }
+    let (_, headers, _) = http_exchange(node.addr, "GET", "/client.js", &[], "").await;
+    assert!(
+        headers.contains("content-type: text/javascript"),
+        "{headers}"
+    );
+}
+
+#[tokio::test]
+async fn cluster_stats_of_a_single_node_list_it_with_totals_and_a_latency_window() {
+    let node = TestNode::start(&["--node-id", "solo"]).await;
+    let mut alice = node.connect("alice").await;
+    alice.join("r").await;
+    alice.publish("r", json!("x")).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let view = loop {
+        let (status, body) = http_get(node.addr, "/stats?scope=cluster").await;
+        assert_eq!(status, 200, "{body}");
+        let view = body.parse_json();
+        if view["nodes"][0]["latency_ms"]["count"].as_u64() >= Some(1) {
+            break view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view["scope"], "cluster");
+    assert_eq!(view["totals"]["nodes"], 1);
+    assert_eq!(view["totals"]["connections"], 1);
+    assert_eq!(view["nodes"][0]["node"], "solo");
+    assert!(view["nodes"][0]["at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    let latency = &view["nodes"][0]["latency_ms"];
+    assert!(latency["p99"].as_f64().unwrap() <= latency["max"].as_f64().unwrap());
+
+    let (status, body) = http_get(node.addr, "/stats?scope=galaxy").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("\"bad_request\""), "{body}");
 }

@@ -425,3 +425,66 @@ async fn a_ticket_from_one_node_works_once_on_another_and_the_api_reaches_every_
         json!({"type":"direct","from":"server","data":"psst"})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_lists_every_live_node_with_its_traffic_from_any_node() {
+    let mut cluster = Cluster::on_redis(3, &[]).await;
+    let mut clients = Vec::new();
+    for (n, node) in cluster.nodes.iter().enumerate() {
+        let mut client = node.connect(&format!("viewer-{n}")).await;
+        client.join("watched").await;
+        clients.push(client);
+    }
+    clients[0]
+        .publish("watched", json!("seen everywhere"))
+        .await;
+    for client in &mut clients {
+        client.expect("message").await;
+    }
+
+    let view = wait_for_cluster_view(&cluster.nodes[2], |view| {
+        view["nodes"].as_array().is_some_and(|nodes| {
+            nodes.len() == 3
+                && nodes
+                    .iter()
+                    .all(|n| n["connections"] == 1 && n["messages_out"].as_u64() >= Some(1))
+        })
+    })
+    .await;
+    let names: Vec<&str> = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["node-0", "node-1", "node-2"]);
+    assert_eq!(view["totals"]["connections"], 3);
+    assert!(view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["broker"]["state"] == "up"));
+
+    let gone = cluster.nodes.pop().unwrap();
+    drop(clients.pop());
+    gone.shutdown().await;
+    wait_for_cluster_view(&cluster.nodes[0], |view| view["totals"]["nodes"] == 2).await;
+}
+
+/// Polls `/stats?scope=cluster` of `node` until `ready` holds.
+async fn wait_for_cluster_view(
+    node: &TestNode,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(node.addr, "/stats?scope=cluster").await;
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        if ready(&view) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -22,6 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod browser;
+
 /// Defines each named `async fn(Topology)` test once per topology: one
 /// node with the in-process broker, and three nodes sharing a Redis.
 macro_rules! conformance {
@@ -114,7 +116,7 @@ impl TestNode {
     }
 }
 
-trait ParseJson {
+pub trait ParseJson {
     fn parse_json(&self) -> Value;
 }
 
@@ -367,6 +369,18 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
+    let (status, _, body) = http_exchange(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request; returns (status, head lowercased, body).
+pub async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.expect("connects");
     let mut request = format!(
@@ -379,22 +393,40 @@ pub async fn http_request(
     request.push_str("\r\n");
     request.push_str(body);
     stream.write_all(request.as_bytes()).await.expect("writes");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+    // Up to the end of the body by Content-Length when there is one: not
+    // every server (chromedriver) closes on `Connection: close`.
+    let read = async {
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut chunk).await.expect("reads");
+            if n == 0 {
+                return response;
+            }
+            response.extend_from_slice(&chunk[..n]);
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]).to_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|length| response.len() >= end + 4 + length) {
+                    return response;
+                }
+            }
+        }
+    };
+    let response = tokio::time::timeout(WAIT, read)
         .await
-        .expect("response in time")
-        .expect("reads");
+        .expect("response in time");
     let response = String::from_utf8_lossy(&response).to_string();
     let status = response
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_lowercase(), body.to_string())
 }
 
 fn upgrade_request(url: &str, headers: &[(&str, &str)]) -> Request {
