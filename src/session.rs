@@ -3,7 +3,7 @@
 //! socket (many frames per flush), sends heartbeat pings and closes the
 //! socket with the right code.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -608,9 +608,44 @@ fn reason_for_read_error(err: axum::Error) -> CloseReason {
 /// duplicates between a join's replay and live frames) and, while a join's
 /// catch-up is being read, the live frames held back until it arrives.
 struct Cursors {
-    rooms: HashMap<Arc<str>, RoomCursor>,
+    rooms: RoomCursors,
     hold_limit: usize,
     overflowed: bool,
+}
+
+/// Cursors by room. A connection is in a few rooms, so a linear scan beats
+/// hashing the room name of every frame written.
+#[derive(Default)]
+struct RoomCursors(Vec<(Arc<str>, RoomCursor)>);
+
+impl RoomCursors {
+    fn position(&self, room: &Arc<str>) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|(name, _)| Arc::ptr_eq(name, room) || **name == **room)
+    }
+
+    fn get_mut(&mut self, room: &Arc<str>) -> Option<&mut RoomCursor> {
+        let at = self.position(room)?;
+        Some(&mut self.0[at].1)
+    }
+
+    fn entry(&mut self, room: Arc<str>) -> &mut RoomCursor {
+        let at = match self.position(&room) {
+            Some(at) => at,
+            None => {
+                self.0.push((room, RoomCursor::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[at].1
+    }
+
+    fn remove(&mut self, room: &Arc<str>) {
+        if let Some(at) = self.position(room) {
+            self.0.swap_remove(at);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -634,7 +669,7 @@ impl RoomCursor {
 impl Cursors {
     fn new(hold_limit: usize) -> Self {
         Cursors {
-            rooms: HashMap::new(),
+            rooms: RoomCursors::default(),
             hold_limit,
             overflowed: false,
         }
@@ -659,7 +694,7 @@ impl Cursors {
             },
             Outbound::JoinStarted(room) => {
                 // A re-join keeps `last`: what was written stays written once.
-                self.rooms.entry(room).or_default().held = Some(Vec::new());
+                self.rooms.entry(room).held = Some(Vec::new());
             }
             Outbound::JoinCompleted(completion) => {
                 let JoinCompletion {
@@ -668,7 +703,7 @@ impl Cursors {
                     replay,
                     joined,
                 } = *completion;
-                let cursor = self.rooms.entry(room).or_default();
+                let cursor = self.rooms.entry(room);
                 // Live frames the client already has (up to `since`) are not
                 // repeated, even if this node delivers them late.
                 cursor.last = cursor.last.max(since);
@@ -719,10 +754,13 @@ impl Writer {
         let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Utf8Bytes> = Vec::new();
+        // One registration for the writer's life, not one per wake-up.
+        let closed = close.closed();
+        tokio::pin!(closed);
         let reason = loop {
             tokio::select! {
                 biased;
-                reason = close.closed() => break reason,
+                reason = &mut closed => break reason,
                 _ = ping.tick() => {
                     if self.liveness.silent_for() >= self.heartbeat * 2 {
                         close.close(CloseReason::HEARTBEAT_TIMEOUT);
@@ -730,7 +768,7 @@ impl Writer {
                     }
                     let sent = tokio::select! {
                         biased;
-                        reason = close.closed() => break reason,
+                        reason = &mut closed => break reason,
                         sent = self.sink.send(Message::Ping(Bytes::new())) => sent,
                     };
                     if sent.is_err() {
@@ -763,7 +801,7 @@ impl Writer {
                     let sink = &mut self.sink;
                     let written = tokio::select! {
                         biased;
-                        reason = close.closed() => break reason,
+                        reason = &mut closed => break reason,
                         written = write_all(sink, &mut batch) => written,
                     };
                     match written {
@@ -880,7 +918,7 @@ mod tests {
             ],
         );
         assert_eq!(out, vec!["b1", "joined a", "left a", "error", "a9"]);
-        assert!(cursors.rooms.is_empty());
+        assert!(cursors.rooms.0.is_empty());
     }
 
     #[test]
