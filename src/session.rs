@@ -14,13 +14,12 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::auth::Identity;
 use crate::broker::Channel;
 use crate::config::Config;
-use crate::hub::{CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound};
+use crate::hub::{mailbox, CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound, Outbox};
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
@@ -93,11 +92,7 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, cl
     let user = identity.user.clone();
     node.stats.connection_opened();
 
-    let (queue, outbound) = mpsc::channel(node.config.client_queue);
-    let mailbox = Mailbox {
-        queue,
-        close: Arc::new(CloseSignal::default()),
-    };
+    let (mailbox, outbound) = mailbox(node.config.client_queue, Arc::default());
     let liveness = Arc::new(Liveness::new());
     let (sink, stream) = socket.split();
     let writer = Writer {
@@ -740,7 +735,7 @@ impl Cursors {
 
 struct Writer {
     sink: SplitSink<WebSocket, Message>,
-    outbound: mpsc::Receiver<Outbound>,
+    outbound: Outbox,
     close: Arc<CloseSignal>,
     liveness: Arc<Liveness>,
     heartbeat: Duration,
@@ -781,12 +776,9 @@ impl Writer {
                     };
                     batch.clear();
                     self.cursors.apply(item, &mut batch);
-                    while batch.len() < MAX_BATCH {
-                        match self.outbound.try_recv() {
-                            Ok(item) => self.cursors.apply(item, &mut batch),
-                            Err(_) => break,
-                        }
-                    }
+                    let cursors = &mut self.cursors;
+                    self.outbound
+                        .drain(MAX_BATCH - 1, |item| cursors.apply(item, &mut batch));
                     if self.cursors.overflowed {
                         if close.close(CloseReason::SLOW_CONSUMER) {
                             self.stats.slow_consumer_closed();

@@ -1,21 +1,22 @@
 //! This node's registry of connections, users and rooms, and the fan-out of
 //! broker deliveries to the local connections' queues.
 //!
-//! Fan-out never waits on a client: every connection has a bounded queue and
-//! gets a cheap clone of an already encoded frame with `try_send`. A
+//! Fan-out never waits on a client: every connection has a bounded queue
+//! ([`Mailbox`]) and gets a cheap clone of an already encoded frame. A
 //! connection whose queue is full is a slow consumer and is told to close
 //! with 4008; nobody else notices.
 
 mod close;
+mod mailbox;
 
 pub use close::{CloseReason, CloseSignal};
+pub use mailbox::{mailbox, Mailbox, Outbox};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::broker::{Broker, BrokerError, Channel, Delivery};
 use crate::protocol::{MessageId, RoomFrame, ServerFrame};
@@ -54,30 +55,6 @@ pub struct JoinCompletion {
     pub since: Option<MessageId>,
     pub replay: Vec<Arc<RoomFrame>>,
     pub joined: Utf8Bytes,
-}
-
-/// What the hub holds of a connection to reach it.
-#[derive(Debug, Clone)]
-pub struct Mailbox {
-    pub queue: mpsc::Sender<Outbound>,
-    pub close: Arc<CloseSignal>,
-}
-
-impl Mailbox {
-    /// Queues `item` without waiting; a full queue closes the connection as a
-    /// slow consumer. Returns false when the item was not queued.
-    pub fn offer(&self, item: Outbound, stats: &Stats) -> bool {
-        match self.queue.try_send(item) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                if self.close.close(CloseReason::SLOW_CONSUMER) {
-                    stats.slow_consumer_closed();
-                }
-                false
-            }
-            Err(TrySendError::Closed(_)) => false,
-        }
-    }
 }
 
 struct Connection {
@@ -328,15 +305,8 @@ mod tests {
         (hub, broker, stats)
     }
 
-    fn mailbox(capacity: usize) -> (Mailbox, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(capacity);
-        (
-            Mailbox {
-                queue,
-                close: Arc::new(CloseSignal::default()),
-            },
-            rx,
-        )
+    fn mailbox(capacity: usize) -> (Mailbox, Outbox) {
+        super::mailbox(capacity, Arc::new(CloseSignal::default()))
     }
 
     fn room_frame(room: &str, seq: u64) -> Delivery {
@@ -347,15 +317,13 @@ mod tests {
         }))
     }
 
-    fn texts(rx: &mut mpsc::Receiver<Outbound>) -> Vec<String> {
+    fn texts(rx: &mut Outbox) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(item) = rx.try_recv() {
-            match item {
-                Outbound::Frame(t) => out.push(t.to_string()),
-                Outbound::Room(f) => out.push(f.text.to_string()),
-                other => out.push(format!("{other:?}")),
-            }
-        }
+        rx.drain(usize::MAX, |item| match item {
+            Outbound::Frame(t) => out.push(t.to_string()),
+            Outbound::Room(f) => out.push(f.text.to_string()),
+            other => out.push(format!("{other:?}")),
+        });
         out
     }
 
