@@ -19,7 +19,9 @@ use tokio::time::{sleep_until, timeout, Instant};
 use crate::auth::Identity;
 use crate::broker::Channel;
 use crate::config::Config;
-use crate::hub::{mailbox, CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound, Outbox};
+use crate::hub::{
+    mailbox, CloseReason, CloseSignal, ConnId, JoinCompletion, Mailbox, Outbound, Outbox,
+};
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
@@ -83,8 +85,30 @@ impl Liveness {
     }
 }
 
-/// Serves one upgraded socket until it closes.
-pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, client: IpAddr) {
+/// Serves one upgraded socket until it closes, holding `admission` (the
+/// connection's slots in the node's limits) until then.
+///
+/// The socket is split before the session's future exists: an async fn keeps
+/// its arguments for its whole life, and an unsplit socket is large.
+pub fn serve(
+    socket: WebSocket,
+    node: Arc<NodeState>,
+    identity: Identity,
+    client: IpAddr,
+    admission: impl Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    run(sink, stream, node, identity, client, admission)
+}
+
+async fn run(
+    sink: SplitSink<WebSocket, Message>,
+    stream: SplitStream<WebSocket>,
+    node: Arc<NodeState>,
+    identity: Identity,
+    client: IpAddr,
+    _admission: impl Send,
+) {
     let _live = node.sessions.enter();
     let started = Instant::now();
     let conn = node.next_conn_id();
@@ -94,7 +118,6 @@ pub async fn run(socket: WebSocket, node: Arc<NodeState>, identity: Identity, cl
 
     let (mailbox, outbound) = mailbox(node.config.client_queue, Arc::default());
     let liveness = Arc::new(Liveness::new());
-    let (sink, stream) = socket.split();
     let writer = Writer {
         sink,
         outbound,

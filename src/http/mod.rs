@@ -133,9 +133,8 @@ async fn upgrade(
             "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
         );
     };
-    session::configure(upgrade, &node.config).on_upgrade(move |socket| async move {
-        let _slots = (ip_slot, user_slot);
-        session::run(socket, node, identity, client_ip).await
+    session::configure(upgrade, &node.config).on_upgrade(move |socket| {
+        session::serve(socket, node, identity, client_ip, (ip_slot, user_slot))
     })
 }
 
