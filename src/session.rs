@@ -4,6 +4,7 @@
 //! socket with the right code.
 
 use std::collections::HashSet;
+use std::future::poll_fn;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -772,13 +773,10 @@ impl Writer {
         let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Utf8Bytes> = Vec::new();
-        // One registration for the writer's life, not one per wake-up.
-        let closed = close.closed();
-        tokio::pin!(closed);
         let reason = loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => break reason,
+                reason = poll_fn(|cx| close.poll_closed_by_writer(cx)) => break reason,
                 _ = ping.tick() => {
                     if self.liveness.silent_for() >= self.heartbeat * 2 {
                         close.close(CloseReason::HEARTBEAT_TIMEOUT);
@@ -786,7 +784,7 @@ impl Writer {
                     }
                     let sent = tokio::select! {
                         biased;
-                        reason = &mut closed => break reason,
+                        reason = poll_fn(|cx| close.poll_closed_by_writer(cx)) => break reason,
                         sent = self.sink.send(Message::Ping(Bytes::new())) => sent,
                     };
                     if sent.is_err() {
@@ -816,7 +814,7 @@ impl Writer {
                     let sink = &mut self.sink;
                     let written = tokio::select! {
                         biased;
-                        reason = &mut closed => break reason,
+                        reason = poll_fn(|cx| close.poll_closed_by_writer(cx)) => break reason,
                         written = write_all(sink, &mut batch) => written,
                     };
                     match written {

@@ -2,6 +2,9 @@
 //! and why. Set once; the first reason wins.
 
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
 
 use tokio::sync::Notify;
 
@@ -69,6 +72,9 @@ impl CloseReason {
 pub struct CloseSignal {
     reason: OnceLock<CloseReason>,
     notify: Notify,
+    /// The writer's waker. The writer wakes for every frame it writes, and
+    /// polling a `Notify` takes its lock each time; this is one atomic.
+    writer: AtomicWaker,
 }
 
 impl CloseSignal {
@@ -77,8 +83,21 @@ impl CloseSignal {
         let decided = self.reason.set(reason).is_ok();
         if decided {
             self.notify.notify_waiters();
+            self.writer.wake();
         }
         decided
+    }
+
+    /// For the one writer task: ready once a reason is set.
+    pub fn poll_closed_by_writer(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(reason) = self.reason() {
+            return Poll::Ready(reason);
+        }
+        self.writer.register(cx.waker());
+        match self.reason() {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
     }
 
     pub fn reason(&self) -> Option<CloseReason> {
@@ -116,5 +135,17 @@ mod tests {
         assert!(!signal.close(CloseReason::DRAINING));
         assert_eq!(waiter.await.unwrap(), CloseReason::SLOW_CONSUMER);
         assert_eq!(signal.closed().await, CloseReason::SLOW_CONSUMER);
+    }
+
+    #[tokio::test]
+    async fn the_writer_is_woken_when_a_reason_is_set() {
+        let signal = Arc::new(CloseSignal::default());
+        let writer = tokio::spawn({
+            let signal = signal.clone();
+            async move { std::future::poll_fn(|cx| signal.poll_closed_by_writer(cx)).await }
+        });
+        tokio::task::yield_now().await;
+        signal.close(CloseReason::DRAINING);
+        assert_eq!(writer.await.unwrap(), CloseReason::DRAINING);
     }
 }
