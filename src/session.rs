@@ -125,6 +125,7 @@ async fn run(
         close: mailbox.close.clone(),
         liveness: liveness.clone(),
         heartbeat: node.config.heartbeat_interval,
+        write_delay: node.config.write_delay,
         cursors: Cursors::new(node.config.client_queue),
         stats: node.stats.clone(),
     };
@@ -763,6 +764,7 @@ struct Writer {
     close: Arc<CloseSignal>,
     liveness: Arc<Liveness>,
     heartbeat: Duration,
+    write_delay: Duration,
     cursors: Cursors,
     stats: Arc<Stats>,
 }
@@ -773,6 +775,9 @@ impl Writer {
         let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Utf8Bytes> = Vec::new();
+        let mut last_write = Instant::now()
+            .checked_sub(self.write_delay)
+            .unwrap_or_else(Instant::now);
         let reason = loop {
             tokio::select! {
                 biased;
@@ -797,6 +802,16 @@ impl Writer {
                     };
                     batch.clear();
                     self.cursors.apply(item, &mut batch);
+                    if let Some(wait) = (last_write + self.write_delay)
+                        .checked_duration_since(Instant::now())
+                    {
+                        // Busy: gather what arrives until the delay is up.
+                        tokio::select! {
+                            biased;
+                            reason = poll_fn(|cx| close.poll_closed_by_writer(cx)) => break reason,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
                     let cursors = &mut self.cursors;
                     self.outbound
                         .drain(MAX_BATCH - 1, |item| cursors.apply(item, &mut batch));
@@ -818,7 +833,10 @@ impl Writer {
                         written = write_all(sink, &mut batch) => written,
                     };
                     match written {
-                        Ok(()) => self.stats.sent(frames, bytes),
+                        Ok(()) => {
+                            last_write = Instant::now();
+                            self.stats.sent(frames, bytes);
+                        }
                         Err(err) => {
                             if let Ok(err) = err.into_inner().downcast::<tungstenite::Error>() {
                                 if matches!(*err, tungstenite::Error::WriteBufferFull(_)) {
