@@ -35,6 +35,19 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Redis Cluster seed nodes, comma-separated (e.g.
+    /// redis://10.0.0.1:6379,redis://10.0.0.2:6379): like REDIS_URL, on a Redis Cluster
+    /// (≥ 7.0) whose shards share the traffic; rooms and users use sharded pub/sub. Not
+    /// together with REDIS_URL.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_URLS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        conflicts_with = "redis_url"
+    )]
+    pub redis_cluster_urls: Vec<String>,
+
     /// Prefix of every Redis key and channel, so deployments can share a Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "roomcast")]
     pub redis_prefix: String,
@@ -77,6 +90,15 @@ pub struct Config {
     #[arg(long, env = "CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
 
+    /// A connection that wrote less than this long ago waits until this much
+    /// time has passed before writing again, and sends everything that
+    /// arrived meanwhile in one write: busy connections share one syscall
+    /// among many frames (a few ms cut CPU per delivery by half or more at
+    /// thousands of frames per second per socket), quiet ones still write at
+    /// once. 0 (the default) writes as soon as frames are queued.
+    #[arg(long, env = "WRITE_DELAY", default_value = "0ms", value_parser = parse_duration)]
+    pub write_delay: Duration,
+
     /// Interval of WebSocket pings; a peer silent for two intervals is disconnected.
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
@@ -90,15 +112,6 @@ pub struct Config {
     /// bound the streams with Redis's own maxmemory instead.
     #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub history_max_bytes: usize,
-    /// A connection that wrote less than this long ago waits until this much
-    /// time has passed before writing again, and sends everything that
-    /// arrived meanwhile in one write: busy connections share one syscall
-    /// among many frames (a few ms cut CPU per delivery by half or more at
-    /// thousands of frames per second per socket), quiet ones still write at
-    /// once. 0 (the default) writes as soon as frames are queued.
-    #[arg(long, env = "WRITE_DELAY", default_value = "0ms", value_parser = parse_duration)]
-    pub write_delay: Duration,
-
 
     /// A room's history (and its idempotency keys) is dropped after this long without a message.
     #[arg(long, env = "HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
@@ -214,6 +227,10 @@ pub enum ConfigError {
     BadProxy(String),
     #[error("API_KEYS entries must be at least 16 characters")]
     WeakApiKey,
+    #[error(
+        "REDIS_PREFIX must not contain '{{' or '}}' with a Redis Cluster: it would put every key in one slot"
+    )]
+    BracesInClusterPrefix,
 }
 
 impl Config {
@@ -244,6 +261,9 @@ impl Config {
             return Err(ConfigError::BadUpgradeRate);
         }
         api_keys_strong(&self.api_keys)?;
+        if !self.redis_cluster_urls.is_empty() && self.redis_prefix.contains(['{', '}']) {
+            return Err(ConfigError::BracesInClusterPrefix);
+        }
         let at_least = |name, value: u64, min| {
             if value < min {
                 Err(ConfigError::TooSmall(name, min))
@@ -364,6 +384,35 @@ mod tests {
             Err(ConfigError::WeakSecret)
         );
         assert!(config(&[]).validate().is_ok());
+    }
+
+    #[test]
+    fn redis_cluster_seeds_are_a_list_and_exclude_redis_url() {
+        let cluster = config(&[
+            "--redis-cluster-urls",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ]);
+        assert_eq!(cluster.redis_cluster_urls.len(), 2);
+        assert!(cluster.validate().is_ok());
+        assert!(Config::try_parse_from([
+            "roomcast",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-cluster-urls",
+            "redis://127.0.0.1:7000",
+        ])
+        .is_err());
+        assert_eq!(
+            config(&[
+                "--redis-cluster-urls",
+                "redis://127.0.0.1:7000",
+                "--redis-prefix",
+                "{app}"
+            ])
+            .validate(),
+            Err(ConfigError::BracesInClusterPrefix)
+        );
+        assert!(config(&["--redis-prefix", "{app}"]).validate().is_ok());
     }
 
     #[test]

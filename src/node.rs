@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Authenticator, KeyError, TokenRules};
 use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::{RedisBroker, RedisSettings};
+use crate::broker::redis::{RedisBroker, RedisServers, RedisSettings};
 use crate::broker::{Broker, BrokerError, BrokerState, Delivery};
 use crate::config::{Config, ConfigError};
 use crate::hub::{CloseReason, Hub};
@@ -133,11 +133,16 @@ impl Node {
             .map_err(|e| NodeError::Bind(config.bind, e))?;
         let stats = Arc::new(Stats::new());
         let node_id: Arc<str> = config.node_name().into();
+        let servers = match (&config.redis_url, config.redis_cluster_urls.is_empty()) {
+            (Some(url), _) => Some(RedisServers::One(url.clone())),
+            (None, false) => Some(RedisServers::Cluster(config.redis_cluster_urls.clone())),
+            (None, true) => None,
+        };
         let (broker, mut incoming): (Arc<dyn Broker>, mpsc::UnboundedReceiver<Delivery>) =
-            match &config.redis_url {
-                Some(url) => {
+            match servers {
+                Some(servers) => {
                     let (redis, incoming) = RedisBroker::start(RedisSettings {
-                        url: url.clone(),
+                        servers,
                         prefix: config.redis_prefix.clone(),
                         node_id: node_id.to_string(),
                         history_size: config.history_size,

@@ -115,7 +115,9 @@ impl Broker for MemoryBroker {
             state: self.state(),
             // The broadcast channel, always, plus the counted ones.
             channels: lock(&self.subscriptions).len() + 1,
+            subscriber_connections: 0,
             reconnects: 0,
+            channels_moved: 0,
             gap_messages_recovered: 0,
             stream_reads: 0,
         }

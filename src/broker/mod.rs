@@ -67,8 +67,14 @@ pub struct BrokerStats {
     pub state: BrokerState,
     /// Channels this node is subscribed to.
     pub channels: usize,
-    /// Times the subscriber connection was re-established.
+    /// Connections the node subscribes on: one per Redis server holding
+    /// channels it needs (with a Redis Cluster, one per such shard).
+    pub subscriber_connections: usize,
+    /// Times the subscriptions were restored after a subscriber connection failed.
     pub reconnects: u64,
+    /// Channels subscribed again elsewhere because a Redis Cluster node stopped
+    /// serving them (their slot moved, or their master handed over).
+    pub channels_moved: u64,
     /// Messages delivered from history after a reconnect (published while
     /// the node was not listening).
     pub gap_messages_recovered: u64,

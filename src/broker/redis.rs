@@ -1,8 +1,13 @@
-//! The Redis broker: one node of many sharing one Redis.
+//! The Redis broker: one node of many sharing one Redis (`REDIS_URL`) or a
+//! Redis Cluster (`REDIS_CLUSTER_URLS`). Both modes are this one broker;
+//! they differ in the command connection (`commands`), in where a channel
+//! lives (`topology`) and in the pub/sub commands (`link::Flavor`: classic
+//! with one Redis, sharded with a Cluster so a room's messages stay on the
+//! shard that owns the room's slot).
 //!
-//! - Pub/sub on one dedicated subscriber connection per node; channels are
-//!   reference-counted, so a room costs the node one SUBSCRIBE however many
-//!   members it has here.
+//! - Pub/sub on one subscriber connection per Redis server that holds a
+//!   channel of this node (`subscriptions`); channels are reference-counted,
+//!   so a room costs the node one subscription however many members it has.
 //! - Room history in one Redis Stream per room. A Lua script adds the
 //!   message (XADD, which assigns the id) and publishes it in one step, so
 //!   every node sees a room's messages with the same ids in the same order.
@@ -10,141 +15,59 @@
 //!   serves resumes from it; only a resume reaching further back reads the
 //!   stream, once per room however many clients ask at the same time.
 //! - Presence: a hash of user counts per room, plus each node's own
-//!   contributions, so a node that dies is reaped by the others once its
-//!   liveness entry is older than `NODE_TTL`.
-//! - The subscriber connection is supervised: when it drops, the node
-//!   reconnects with backoff and jitter, resubscribes, and reads every
-//!   joined room's stream after the last id it delivered, so local clients
-//!   lose nothing and never notice.
+//!   contributions in the same slot and the set of rooms it is in, so a node
+//!   that dies is reaped by the others once its liveness entry is older than
+//!   `NODE_TTL`.
+//! - Subscriptions are supervised: when one is lost (connection failure,
+//!   failover, a Cluster slot that moved), the node subscribes again where
+//!   the channel lives now and reads each affected room's stream after the
+//!   last id it delivered, so local clients lose nothing and never notice.
 
-use std::collections::HashMap;
+mod commands;
+mod keys;
+mod link;
+mod scripts;
+mod subscriptions;
+mod topology;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
 use futures::future::{BoxFuture, FutureExt};
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::{Client, RedisError, Script, Value};
 use tokio::sync::mpsc;
 
+use self::commands::Commands;
+use self::keys::Keys;
+use self::link::{Endpoint, Flavor};
+use self::scripts::Scripts;
+use self::subscriptions::{LinkEvent, Subscriptions};
+use self::topology::Topology;
 use super::{Broker, BrokerError, BrokerState, BrokerStats, Channel, Delivery};
 use crate::history::log::{predecessor, RoomLog};
 use crate::history::{Replay, Stored};
 use crate::protocol::{now_ms, CatchUp, MessageId, MessageTemplate, RoomFrame};
 
-/// Stores a room message and publishes it, atomically.
-/// KEYS: stream, [idempotency key]. ARGV: channel, maxlen, ttl ms, prefix, suffix.
-/// The published payload is `<id> <frame>`; the frame is `prefix .. id .. suffix`.
-const PUBLISH_SCRIPT: &str = r"
-local idem = KEYS[2]
-if idem then
-  local existing = redis.call('GET', idem)
-  if existing then return {existing, 1} end
-end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'p', ARGV[4], 's', ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if idem then redis.call('SET', idem, id, 'PX', ARGV[3]) end
-redis.call('PUBLISH', ARGV[1], id .. ' ' .. ARGV[4] .. id .. ARGV[5])
-return {id, 0}
-";
-
-/// Reads a room's stream: where it is complete from, and its newest entries.
-/// KEYS: stream. ARGV: count. Returns {max-deleted-entry-id, first id,
-/// entries newest first}, or {} when the stream does not exist.
-const READ_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local deleted, first = '0-0', ''
-for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
-  if info[i] == 'first-entry' and info[i + 1] then first = info[i + 1][1] end
-end
-return {deleted, first, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])}
-";
-
-/// A connection of `user` enters a room. KEYS: room presence, node presence.
-/// ARGV: user, room, channel, event. Publishes the event when the user is new.
-const PRESENCE_ADD_SCRIPT: &str = r"
-redis.call('HINCRBY', KEYS[2], ARGV[2] .. '\031' .. ARGV[1], 1)
-if redis.call('HINCRBY', KEYS[1], ARGV[1], 1) == 1 then
-  redis.call('PUBLISH', ARGV[3], '- ' .. ARGV[4])
-  return 1
-end
-return 0
-";
-
-/// A connection of `user` leaves a room; same keys and arguments.
-const PRESENCE_REMOVE_SCRIPT: &str = r"
-local field = ARGV[2] .. '\031' .. ARGV[1]
-local mine = redis.call('HINCRBY', KEYS[2], field, -1)
-if mine <= 0 then redis.call('HDEL', KEYS[2], field) end
-if mine < 0 then return 0 end
-if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('PUBLISH', ARGV[3], '- ' .. ARGV[4])
-  return 1
-end
-return 0
-";
-
-/// Marks this node alive and reaps nodes silent for longer than the TTL
-/// (returns how many, and whether this node was still registered):
-/// their users leave every room they were in (with a `leave` event).
-/// KEYS: nodes. ARGV: node, ttl ms, key prefix.
-/// The `leave` frame is built here, not by the node that left, because that
-/// node is gone; names never contain characters JSON would escape.
-const LIVENESS_SCRIPT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local registered = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-for _, node in ipairs(dead) do
-  local mine = ARGV[3] .. ':node-presence:' .. node
-  local fields = redis.call('HGETALL', mine)
-  for i = 1, #fields, 2 do
-    local room, user = string.match(fields[i], '^(.*)\031(.*)$')
-    local hash = ARGV[3] .. ':presence:{' .. room .. '}'
-    if redis.call('HINCRBY', hash, user, -tonumber(fields[i + 1])) <= 0 then
-      redis.call('HDEL', hash, user)
-      redis.call('PUBLISH', ARGV[3] .. ':room:{' .. room .. '}',
-        '- {"type":"leave","room":"' .. room .. '","user":"' .. user .. '"}')
-    end
-  end
-  redis.call('DEL', mine)
-  redis.call('ZREM', KEYS[1], node)
-end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-return {#dead, registered}
-"#;
-
-/// Makes this node's recorded presence equal to what it really has, after
-/// Redis lost it (restarted empty) or reaped the node during an outage.
-/// KEYS: node presence. ARGV: key prefix, then (room, user, connections)
-/// triples. Rooms' hashes are named here, as in the liveness script.
-const PRESENCE_RESYNC_SCRIPT: &str = r"
-local recorded = redis.call('HGETALL', KEYS[1])
-for i = 1, #recorded, 2 do
-  local room, user = string.match(recorded[i], '^(.*)\031(.*)$')
-  local hash = ARGV[1] .. ':presence:{' .. room .. '}'
-  if redis.call('HINCRBY', hash, user, -tonumber(recorded[i + 1])) <= 0 then
-    redis.call('HDEL', hash, user)
-  end
-end
-redis.call('DEL', KEYS[1])
-for i = 2, #ARGV, 3 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i] .. '\031' .. ARGV[i + 1], ARGV[i + 2])
-  redis.call('HINCRBY', ARGV[1] .. ':presence:{' .. ARGV[i] .. '}', ARGV[i + 1], ARGV[i + 2])
-end
-return 1
-";
+/// Which Redis the nodes share.
+#[derive(Debug, Clone)]
+pub enum RedisServers {
+    /// One Redis: `redis://host:port`.
+    One(String),
+    /// Seed nodes of a Redis Cluster (≥ 7.0, for sharded pub/sub).
+    Cluster(Vec<String>),
+}
 
 /// Where a Redis broker connects and what it names.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub servers: RedisServers,
     /// Prefix of every key and channel, so several deployments can share a Redis.
     pub prefix: String,
     pub node_id: String,
@@ -152,76 +75,6 @@ pub struct RedisSettings {
     pub history_ttl: Duration,
     /// A node whose liveness entry is older than this drops out of presence.
     pub node_ttl: Duration,
-}
-
-/// Names of keys and channels. Room and user names sit in `{…}` hash tags,
-/// so a room's stream, channel and presence share one Redis Cluster slot.
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn channel(&self, channel: &Channel) -> String {
-        match channel {
-            Channel::Room(room) => format!("{}:room:{{{room}}}", self.prefix),
-            Channel::User(user) => format!("{}:user:{{{user}}}", self.prefix),
-            Channel::Broadcast => format!("{}:broadcast", self.prefix),
-        }
-    }
-
-    fn parse_channel(&self, name: &str) -> Option<Channel> {
-        let rest = name.strip_prefix(&self.prefix)?.strip_prefix(':')?;
-        if rest == "broadcast" {
-            return Some(Channel::Broadcast);
-        }
-        let (kind, tagged) = rest.split_once(':')?;
-        let inner = tagged.strip_prefix('{')?.strip_suffix('}')?;
-        match kind {
-            "room" => Some(Channel::Room(inner.into())),
-            "user" => Some(Channel::User(inner.into())),
-            _ => None,
-        }
-    }
-
-    fn stream(&self, room: &str) -> String {
-        format!("{}:stream:{{{room}}}", self.prefix)
-    }
-
-    fn idempotency(&self, room: &str, key: &str) -> String {
-        format!("{}:key:{{{room}}}:{key}", self.prefix)
-    }
-
-    fn presence(&self, room: &str) -> String {
-        format!("{}:presence:{{{room}}}", self.prefix)
-    }
-
-    fn node_presence(&self, node: &str) -> String {
-        format!("{}:node-presence:{node}", self.prefix)
-    }
-
-    fn ticket(&self, ticket: &str) -> String {
-        format!("{}:ticket:{ticket}", self.prefix)
-    }
-
-    /// One hash, node → "<expiry ms> <snapshot>": a single key, so it lives
-    /// on one shard of a cluster too.
-    fn node_stats(&self) -> String {
-        format!("{}:node-stats", self.prefix)
-    }
-
-    fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
-    }
-}
-
-/// The subscriber side: which channels this node needs, and the sink to
-/// (un)subscribe while connected. Held across SUBSCRIBE round trips (a
-/// tokio mutex), so concurrent joins of one room subscribe it once and all
-/// return only after the subscription is active.
-#[derive(Default)]
-struct Subscriptions {
-    counts: HashMap<Channel, usize>,
-    sink: Option<PubSubSink>,
 }
 
 /// What the node knows of a subscribed room.
@@ -237,46 +90,62 @@ struct RoomTail {
     /// reconnect's catch-up starts above it. Kept apart from `dispatched`:
     /// raising that would drop live messages a member still needs.
     subscribed_after: Option<MessageId>,
+    /// While the room's subscription is being restored: live frames wait
+    /// here until the stream read that fills the gap has been delivered, so
+    /// none overtakes it.
+    held: Option<Vec<(Option<MessageId>, Utf8Bytes)>>,
+}
+
+/// This node's own presence contributions: the truth a resync writes back.
+#[derive(Default)]
+struct PresenceMirror {
+    /// room → user → connections on this node.
+    rooms: HashMap<Arc<str>, HashMap<Arc<str>, i64>>,
+    /// Rooms the node left since their names were last taken out of its
+    /// room set in Redis.
+    left: HashSet<Arc<str>>,
 }
 
 #[derive(Default)]
 struct Counters {
     channels: AtomicUsize,
+    connections: AtomicUsize,
     reconnects: AtomicU64,
     gap_messages_recovered: AtomicU64,
     stream_reads: AtomicU64,
+    channels_moved: AtomicU64,
 }
 
 pub struct RedisBroker {
+    /// Itself, for the tasks it starts.
+    me: Weak<RedisBroker>,
     keys: Keys,
     settings: RedisSettings,
-    client: Client,
-    commands: ConnectionManager,
+    flavor: Flavor,
+    /// The one Redis, or the first seed node (its credentials serve every
+    /// node of the Cluster).
+    endpoint: Endpoint,
+    topology: Topology,
+    commands: Commands,
     subscriptions: tokio::sync::Mutex<Subscriptions>,
+    /// To the supervisor of the subscriptions.
+    events: mpsc::UnboundedSender<LinkEvent>,
+    /// A subscriber connection failed since the node was last ready.
+    links_lost: AtomicBool,
     up: AtomicBool,
     tails: Mutex<HashMap<Arc<str>, RoomTail>>,
     /// One stream read per room at a time; waiters then find the tail filled.
     reads_in_flight: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
-    /// This node's own presence contributions: connections per (room, user).
-    presence_mirror: Mutex<HashMap<RoomUser, i64>>,
+    presence_mirror: Mutex<PresenceMirror>,
     /// Presence changes run side by side (each is one atomic script and one
-    /// mirror update); a resync runs alone, so the mirror it writes is exact.
+    /// mirror update); a resync or a tidy-up runs alone, so the mirror it
+    /// writes is exact.
     presence_turn: tokio::sync::RwLock<()>,
     /// A presence update could not reach Redis: resync at the next chance.
     presence_dirty: AtomicBool,
-    /// The subscriber's sink, for pings that must not wait behind a
-    /// (possibly hung) SUBSCRIBE holding `subscriptions`.
-    pinger: Mutex<Option<PubSubSink>>,
-    /// Asks the subscriber task to drop its connection and start over.
-    reconnect: tokio::sync::Notify,
     deliveries: mpsc::UnboundedSender<Delivery>,
     counters: Counters,
-    publish_script: Script,
-    read_script: Script,
-    presence_add_script: Script,
-    presence_remove_script: Script,
-    liveness_script: Script,
-    presence_resync_script: Script,
+    scripts: Scripts,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -304,52 +173,95 @@ fn backoff(attempt: u32) -> Duration {
 
 impl RedisBroker {
     /// Connects (waiting briefly for Redis, then carrying on in the
-    /// background) and starts the subscriber and liveness tasks.
+    /// background) and starts the subscription supervisor and liveness tasks.
     pub async fn start(
         settings: RedisSettings,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Delivery>), BrokerError> {
-        let client = Client::open(settings.url.as_str())
-            .map_err(|e| BrokerError::Unavailable(format!("bad REDIS_URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let commands =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let (flavor, endpoint, topology, commands) = match &settings.servers {
+            RedisServers::One(url) => {
+                let bad = |e: String| BrokerError::Unavailable(format!("bad REDIS_URL: {e}"));
+                let client = Client::open(url.as_str()).map_err(|e| bad(e.to_string()))?;
+                let endpoint = Endpoint::from_url(url).map_err(bad)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                let commands =
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+                let topology = Topology::Single(endpoint.address().into());
+                (
+                    Flavor::Classic,
+                    endpoint,
+                    topology,
+                    Commands::Single(commands),
+                )
+            }
+            RedisServers::Cluster(urls) => {
+                let bad =
+                    |e: String| BrokerError::Unavailable(format!("bad REDIS_CLUSTER_URLS: {e}"));
+                let mut endpoints = urls.iter().map(|url| Endpoint::from_url(url));
+                let endpoint = endpoints
+                    .next()
+                    .ok_or_else(|| bad("no seed node".into()))?
+                    .map_err(bad)?;
+                endpoints.collect::<Result<Vec<_>, _>>().map_err(bad)?;
+                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    .retries(3)
+                    .min_retry_wait(50)
+                    .max_retry_wait(500)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                // Connects in the background: a Cluster that is not up yet
+                // is waited for like one Redis.
+                let commands = client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(Duration::from_secs(1))
+                        .set_response_timeout(Duration::from_secs(2)),
+                );
+                (
+                    Flavor::Sharded,
+                    endpoint,
+                    Topology::cluster(),
+                    Commands::Cluster(commands),
+                )
+            }
+        };
         let (deliveries, incoming) = mpsc::unbounded_channel();
+        let (events, events_received) = mpsc::unbounded_channel();
         // Every node hears broadcasts, from the first connection on.
         let mut subscriptions = Subscriptions::default();
         subscriptions.counts.insert(Channel::Broadcast, 1);
-        let broker = Arc::new(RedisBroker {
+        let broker = Arc::new_cyclic(|me| RedisBroker {
+            me: me.clone(),
             keys: Keys {
                 prefix: settings.prefix.clone(),
             },
             settings,
-            client,
+            flavor,
+            endpoint,
+            topology,
             commands,
             subscriptions: tokio::sync::Mutex::new(subscriptions),
+            events,
+            links_lost: AtomicBool::new(false),
             up: AtomicBool::new(false),
             tails: Mutex::new(HashMap::new()),
             reads_in_flight: Mutex::new(HashMap::new()),
-            presence_mirror: Mutex::new(HashMap::new()),
+            presence_mirror: Mutex::new(PresenceMirror::default()),
             presence_turn: tokio::sync::RwLock::new(()),
             presence_dirty: AtomicBool::new(false),
-            pinger: Mutex::new(None),
-            reconnect: tokio::sync::Notify::new(),
             deliveries,
             counters: Counters {
                 channels: AtomicUsize::new(1),
                 ..Counters::default()
             },
-            publish_script: Script::new(PUBLISH_SCRIPT),
-            read_script: Script::new(READ_SCRIPT),
-            presence_add_script: Script::new(PRESENCE_ADD_SCRIPT),
-            presence_remove_script: Script::new(PRESENCE_REMOVE_SCRIPT),
-            liveness_script: Script::new(LIVENESS_SCRIPT),
-            presence_resync_script: Script::new(PRESENCE_RESYNC_SCRIPT),
+            scripts: Scripts::new(flavor),
         });
-        tokio::spawn(supervise_subscriber(Arc::downgrade(&broker)));
+        tokio::spawn(subscriptions::supervise(
+            Arc::downgrade(&broker),
+            events_received,
+        ));
         tokio::spawn(keep_alive(Arc::downgrade(&broker)));
         for _ in 0..50 {
             if broker.up.load(Ordering::Acquire) {
@@ -358,9 +270,21 @@ impl RedisBroker {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !broker.up.load(Ordering::Acquire) {
-            tracing::warn!(url = %redact(&broker.settings.url), "Redis is not reachable yet; retrying in the background");
+            tracing::warn!(redis = %broker.describe(), "Redis is not reachable yet; retrying in the background");
         }
         Ok((broker, incoming))
+    }
+
+    /// Where this broker connects, without passwords, for logs.
+    fn describe(&self) -> String {
+        match &self.settings.servers {
+            RedisServers::One(url) => redact(url),
+            RedisServers::Cluster(urls) => urls
+                .iter()
+                .map(|url| redact(url))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
     }
 
     fn deliver(&self, delivery: Delivery) {
@@ -369,11 +293,11 @@ impl RedisBroker {
 
     /// Handles one pub/sub message: rooms are deduplicated and remembered in
     /// the room's tail before fan-out.
-    fn on_message(&self, channel: &str, payload: &[u8]) {
+    fn on_message(&self, channel: &str, payload: Bytes) {
         let Some(channel) = self.keys.parse_channel(channel) else {
             return;
         };
-        let Ok(text) = Utf8Bytes::try_from(Bytes::copy_from_slice(payload)) else {
+        let Ok(text) = Utf8Bytes::try_from(payload) else {
             tracing::warn!(%channel, "dropped a message that is not UTF-8");
             return;
         };
@@ -395,6 +319,7 @@ impl RedisBroker {
         }
     }
 
+    /// A live room frame: to fan-out, or held while the room catches up.
     fn dispatch_room(&self, room: Arc<str>, id: Option<MessageId>, text: Utf8Bytes) {
         let mut tails = lock(&self.tails);
         // Not (or no longer) subscribed here: nobody to deliver to.
@@ -404,6 +329,24 @@ impl RedisBroker {
         let Some(tail) = tails.get_mut(&room) else {
             return;
         };
+        if let Some(held) = &mut tail.held {
+            held.push((id, text));
+            return;
+        }
+        self.dispatch_locked(tail, room, id, text);
+    }
+
+    /// Hands a room frame to fan-out unless it is a duplicate, and keeps it
+    /// in the tail. Called under the tails lock: a resume that reads the
+    /// tail either finds this frame there or is already a member and gets
+    /// it live.
+    fn dispatch_locked(
+        &self,
+        tail: &mut RoomTail,
+        room: Arc<str>,
+        id: Option<MessageId>,
+        text: Utf8Bytes,
+    ) {
         if let Some(id) = id {
             if tail.dispatched.is_some_and(|last| id <= last) {
                 return;
@@ -412,84 +355,113 @@ impl RedisBroker {
         }
         let frame = Arc::new(RoomFrame { room, id, text });
         tail.log.push(frame.clone(), self.settings.history_size);
-        // Under the tails lock: a resume that reads the tail either finds
-        // this frame there or is already a member and gets it live.
         self.deliver(Delivery::Room(frame));
     }
 
-    /// After the subscriber reconnected: every subscribed room's messages
-    /// published while it was away, from the stream, in order. Where that
-    /// is impossible (the gap is longer than the stream, ids went
-    /// backwards, Redis cannot be read), the room's local members are told
-    /// to reconnect and resume, and learn `recovered:false` from it.
-    async fn catch_up_rooms(&self) {
-        let rooms: Vec<(Arc<str>, Option<MessageId>)> = lock(&self.tails)
-            .iter()
-            .map(|(room, tail)| (room.clone(), tail.dispatched.max(tail.subscribed_after)))
-            .collect();
-        for (room, dispatched) in rooms {
-            let mut attempt = 0;
-            let read = loop {
-                match self.read_stream(&room).await {
-                    Ok(snapshot) => break Ok(snapshot),
-                    // The command connection may still be reconnecting.
-                    Err(err) if attempt < 8 => {
-                        tracing::debug!(%room, error = %err, "catch-up read failed; retrying");
-                        tokio::time::sleep(backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                    Err(err) => break Err(err),
+    /// After rooms got their subscription back: each room's messages
+    /// published while it had none, from the stream, in order, then what
+    /// arrived live meanwhile. Where that is impossible (the gap is longer
+    /// than the stream, ids went backwards, Redis cannot be read), the
+    /// room's local members are told to reconnect and resume, and learn
+    /// `recovered:false` from it.
+    async fn catch_up_rooms(&self, rooms: Vec<Arc<str>>) {
+        // Rooms are independent: after a failover there may be thousands.
+        let mut steps = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            steps.push(
+                async move {
+                    self.catch_up_room(&room).await;
+                    self.release_room(&room);
                 }
-            };
-            match read {
-                Err(err) => {
-                    tracing::error!(%room, error = %err, "cannot catch up a room; its members will resume");
-                    self.resync_room(&room, None);
+                .boxed(),
+            );
+        }
+        at_most_16_at_a_time(steps).await;
+    }
+
+    async fn catch_up_room(&self, room: &Arc<str>) {
+        let Some(dispatched) = lock(&self.tails)
+            .get(room)
+            .map(|tail| tail.dispatched.max(tail.subscribed_after))
+        else {
+            return;
+        };
+        let mut attempt = 0;
+        let read = loop {
+            match self.read_stream(room).await {
+                Ok(snapshot) => break Ok(snapshot),
+                // The command connection may still be reconnecting (or the
+                // Cluster still electing a new master).
+                Err(err) if attempt < 8 => {
+                    tracing::debug!(%room, error = %err, "catch-up read failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
                 }
-                Ok(None) => {
-                    // Redis came back without this room's stream. Messages
-                    // were refused while it was away, so members keep going;
-                    // resumes from before the outage will say recovered:false.
-                    if dispatched.is_some() {
-                        tracing::warn!(%room, "room history is gone from Redis");
-                    }
-                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
-                        tail.dispatched = None;
-                        tail.log.assume_complete_after(MessageId::new(now_ms(), 0));
-                    }
+                Err(err) => break Err(err),
+            }
+        };
+        match read {
+            Err(err) => {
+                tracing::error!(%room, error = %err, "cannot catch up a room; its members will resume");
+                self.resync_room(room, None);
+            }
+            Ok(None) => {
+                // Redis came back without this room's stream. Messages
+                // were refused while it was away, so members keep going;
+                // resumes from before the outage will say recovered:false.
+                if dispatched.is_some() {
+                    tracing::warn!(%room, "room history is gone from Redis");
                 }
-                Ok(Some(snapshot)) => {
-                    let newest = snapshot.messages.last().and_then(|m| m.id);
-                    let broken = dispatched.is_some_and(|last| {
-                        last < snapshot.complete_after || newest.is_some_and(|newest| newest < last)
-                    });
-                    if broken {
-                        tracing::warn!(%room, "the stream no longer covers what this node delivered; its members will resume");
-                        self.resync_room(&room, Some(snapshot));
-                        continue;
-                    }
-                    let mut recovered = 0;
-                    for frame in &snapshot.messages {
-                        if frame.id > dispatched {
-                            recovered += 1;
-                            self.dispatch_room(room.clone(), frame.id, frame.text.clone());
-                        }
-                    }
-                    if let Some(tail) = lock(&self.tails).get_mut(&room) {
-                        tail.log.merge(
-                            snapshot.messages,
-                            snapshot.complete_after,
-                            self.settings.history_size,
-                        );
-                    }
-                    if recovered > 0 {
-                        self.counters
-                            .gap_messages_recovered
-                            .fetch_add(recovered, Ordering::Relaxed);
-                        tracing::info!(%room, recovered, "delivered messages missed while disconnected");
-                    }
+                if let Some(tail) = lock(&self.tails).get_mut(room) {
+                    tail.dispatched = None;
+                    tail.log.assume_complete_after(MessageId::new(now_ms(), 0));
                 }
             }
+            Ok(Some(snapshot)) => {
+                let newest = snapshot.messages.last().and_then(|m| m.id);
+                let broken = dispatched.is_some_and(|last| {
+                    last < snapshot.complete_after || newest.is_some_and(|newest| newest < last)
+                });
+                if broken {
+                    tracing::warn!(%room, "the stream no longer covers what this node delivered; its members will resume");
+                    self.resync_room(room, Some(snapshot));
+                    return;
+                }
+                let mut tails = lock(&self.tails);
+                let Some(tail) = tails.get_mut(room) else {
+                    return;
+                };
+                let mut recovered = 0;
+                for frame in &snapshot.messages {
+                    if frame.id > dispatched {
+                        recovered += 1;
+                        self.dispatch_locked(tail, room.clone(), frame.id, frame.text.clone());
+                    }
+                }
+                tail.log.merge(
+                    snapshot.messages,
+                    snapshot.complete_after,
+                    self.settings.history_size,
+                );
+                drop(tails);
+                if recovered > 0 {
+                    self.counters
+                        .gap_messages_recovered
+                        .fetch_add(recovered, Ordering::Relaxed);
+                    tracing::info!(%room, recovered, "delivered messages missed while unsubscribed");
+                }
+            }
+        }
+    }
+
+    /// Delivers what arrived live during a room's catch-up, after it.
+    fn release_room(&self, room: &Arc<str>) {
+        let mut tails = lock(&self.tails);
+        let Some(tail) = tails.get_mut(room) else {
+            return;
+        };
+        for (id, text) in tail.held.take().unwrap_or_default() {
+            self.dispatch_locked(tail, room.clone(), id, text);
         }
     }
 
@@ -540,7 +512,8 @@ impl RedisBroker {
         self.counters.stream_reads.fetch_add(1, Ordering::Relaxed);
         let mut commands = self.commands.clone();
         let reply: Vec<Value> = self
-            .read_script
+            .scripts
+            .read
             .key(self.keys.stream(room))
             .arg(self.settings.history_size)
             .invoke_async(&mut commands)
@@ -592,180 +565,22 @@ impl RedisBroker {
         lock(&self.tails).get(room)?.log.read(catch_up)
     }
 
-    async fn subscribe_channel(&self, channel: Channel) -> Result<(), BrokerError> {
-        let mut subscriptions = self.subscriptions.lock().await;
-        if let Some(count) = subscriptions.counts.get_mut(&channel) {
-            *count += 1;
-            return Ok(());
-        }
-        let mut sink = subscriptions
-            .sink
-            .clone()
-            .ok_or_else(|| BrokerError::Unavailable("not connected to Redis".into()))?;
-        // The tail exists before the SUBSCRIBE: nothing delivered after the
-        // confirmation is dropped as "not subscribed here".
-        if let Channel::Room(room) = &channel {
-            lock(&self.tails).insert(room.clone(), RoomTail::default());
-        }
-        let confirmed = tokio::time::timeout(
-            SUBSCRIBE_TIMEOUT,
-            sink.subscribe(self.keys.channel(&channel)),
-        )
-        .await;
-        let failure = match confirmed {
-            Ok(Ok(())) => None,
-            Ok(Err(err)) => Some(unavailable(err)),
-            Err(_) => {
-                self.reconnect.notify_one();
-                Some(BrokerError::Unavailable(
-                    "Redis did not confirm a SUBSCRIBE".into(),
-                ))
-            }
-        };
-        if let Some(err) = failure {
-            if let Channel::Room(room) = &channel {
-                lock(&self.tails).remove(room);
-            }
-            return Err(err);
-        }
-        subscriptions.counts.insert(channel.clone(), 1);
-        self.counters
-            .channels
-            .store(subscriptions.counts.len(), Ordering::Relaxed);
-        drop(subscriptions);
-        if let Channel::Room(room) = &channel {
-            self.seed_tail(room).await;
-        }
-        Ok(())
-    }
-
-    async fn unsubscribe_channel(&self, channel: Channel) -> Result<(), BrokerError> {
-        let mut subscriptions = self.subscriptions.lock().await;
-        let Some(count) = subscriptions.counts.get_mut(&channel) else {
-            return Ok(());
-        };
-        *count -= 1;
-        if *count > 0 {
-            return Ok(());
-        }
-        subscriptions.counts.remove(&channel);
-        self.counters
-            .channels
-            .store(subscriptions.counts.len(), Ordering::Relaxed);
-        if let Channel::Room(room) = &channel {
-            // Its tail can no longer be kept gap-free.
-            lock(&self.tails).remove(room);
-        }
-        // Not connected: nothing to undo, and it is not resubscribed on
-        // reconnect since it is no longer counted.
-        let Some(mut sink) = subscriptions.sink.clone() else {
-            return Ok(());
-        };
-        match tokio::time::timeout(
-            SUBSCRIBE_TIMEOUT,
-            sink.unsubscribe(self.keys.channel(&channel)),
-        )
-        .await
-        {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => {
-                self.reconnect.notify_one();
-                Err(BrokerError::Unavailable(
-                    "Redis did not confirm an UNSUBSCRIBE".into(),
-                ))
-            }
-        }
-    }
-
-    /// One connected period of the subscriber: resubscribe, catch up,
-    /// restore presence, then forward messages until the connection fails.
-    async fn run_subscriber(
-        &self,
-        mut sink: PubSubSink,
-        mut stream: PubSubStream,
-        reconnected: bool,
-    ) {
-        {
-            let mut subscriptions = self.subscriptions.lock().await;
-            let names: Vec<String> = subscriptions
-                .counts
-                .keys()
-                .map(|c| self.keys.channel(c))
-                .collect();
-            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.subscribe(&names)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    tracing::warn!(error = %err, "resubscribing failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!("resubscribing timed out");
-                    return;
-                }
-            }
-            subscriptions.sink = Some(sink.clone());
-            *lock(&self.pinger) = Some(sink);
-        }
-        if reconnected {
-            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-            self.catch_up_rooms().await;
-        }
-        // Also on the first connection: it clears what a previous process
-        // with this NODE_ID left behind.
-        if let Err(err) = self.resync_presence().await {
-            tracing::warn!(error = %err, "restoring presence failed; retrying later");
-            self.presence_dirty.store(true, Ordering::Release);
-        }
-        // Ready only once caught up: no resume is served from a stale tail.
-        self.up.store(true, Ordering::Release);
-        tracing::info!(reconnected, "subscribed to Redis");
-        let mut ping = tokio::time::interval(Duration::from_secs(5));
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => self.on_message(message.get_channel_name(), message.get_payload_bytes()),
-                    None => break,
-                },
-                _ = self.reconnect.notified() => {
-                    tracing::warn!("Redis stopped confirming subscriptions");
-                    break;
-                }
-                _ = ping.tick() => {
-                    let pinger = lock(&self.pinger).clone();
-                    if let Some(mut pinger) = pinger {
-                        let alive = tokio::time::timeout(Duration::from_secs(3), pinger.ping::<Value>()).await;
-                        if !matches!(alive, Ok(Ok(_))) {
-                            tracing::warn!("Redis subscriber stopped answering pings");
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.up.store(false, Ordering::Release);
-        *lock(&self.pinger) = None;
-        self.subscriptions.lock().await.sink = None;
-        // A tail is gap-free only within one connected period (Redis may
-        // even come back empty): the catch-up refills it.
-        for tail in lock(&self.tails).values_mut() {
-            tail.log = RoomLog::new(None);
-        }
-        tracing::warn!("lost the Redis subscriber connection; reconnecting");
-    }
-
+    /// Stamps this node alive, reaps silent nodes, and keeps this node's
+    /// presence in Redis true.
     async fn keep_alive_once(&self) -> Result<(), RedisError> {
         let mut commands = self.commands.clone();
-        let (reaped, registered): (i64, i64) = self
-            .liveness_script
+        let (registered, silent): (i64, Vec<String>) = self
+            .scripts
+            .liveness
             .key(self.keys.nodes())
             .arg(&self.settings.node_id)
             .arg(self.settings.node_ttl.as_millis() as u64)
-            .arg(&self.settings.prefix)
             .invoke_async(&mut commands)
             .await?;
-        if reaped > 0 {
-            tracing::info!(nodes = reaped, "reaped the presence of silent nodes");
+        for node in silent {
+            if node != self.settings.node_id {
+                self.reap_node(&node).await?;
+            }
         }
         let dirty = self.presence_dirty.load(Ordering::Acquire);
         if registered == 0 || dirty {
@@ -774,31 +589,198 @@ impl RedisBroker {
             }
             self.resync_presence().await?;
         }
+        self.tidy_node_rooms().await
+    }
+
+    /// A silent node's users leave every room it was in (room by room: a
+    /// room's presence lives in the room's slot), then the node is forgotten.
+    /// Several nodes may reap the same node at once: each room's step finds
+    /// nothing left to do the second time.
+    async fn reap_node(&self, node: &str) -> Result<(), RedisError> {
+        let mut commands = self.commands.clone();
+        let rooms: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.node_rooms(node))
+            .query_async(&mut commands)
+            .await?;
+        let mut reaps = Vec::with_capacity(rooms.len());
+        for room in &rooms {
+            let mut commands = self.commands.clone();
+            let mut invocation = self.scripts.reap_room.key(self.keys.presence(room));
+            invocation
+                .key(self.keys.node_presence(room, node))
+                .arg(self.keys.room_channel(room))
+                .arg(room);
+            reaps.push(async move { invocation.invoke_async::<i64>(&mut commands).await }.boxed());
+        }
+        let mut left = 0;
+        for reaped in at_most_16_at_a_time(reaps).await {
+            left += reaped?;
+        }
+        redis::cmd("DEL")
+            .arg(self.keys.node_rooms(node))
+            .query_async::<()>(&mut commands)
+            .await?;
+        redis::cmd("ZREM")
+            .arg(self.keys.nodes())
+            .arg(node)
+            .query_async::<()>(&mut commands)
+            .await?;
+        tracing::info!(%node, rooms = rooms.len(), users_left = left, "reaped the presence of a silent node");
         Ok(())
     }
 
-    /// Writes this node's presence, as it really is, over what Redis has.
+    /// Takes the rooms this node left out of its room set in Redis (kept
+    /// while present, so a reaper finds every room).
+    async fn tidy_node_rooms(&self) -> Result<(), RedisError> {
+        if lock(&self.presence_mirror).left.is_empty() {
+            return Ok(());
+        }
+        let _turn = self.presence_turn.write().await;
+        let left: Vec<Arc<str>> = {
+            let mut mirror = lock(&self.presence_mirror);
+            let PresenceMirror { rooms, left } = &mut *mirror;
+            left.drain()
+                .filter(|room| !rooms.contains_key(room))
+                .collect()
+        };
+        if left.is_empty() {
+            return Ok(());
+        }
+        let mut commands = self.commands.clone();
+        let removed = redis::cmd("SREM")
+            .arg(self.keys.node_rooms(&self.settings.node_id))
+            .arg(left.iter().map(|room| &**room).collect::<Vec<_>>())
+            .query_async::<()>(&mut commands)
+            .await;
+        if removed.is_err() {
+            lock(&self.presence_mirror).left.extend(left);
+        }
+        removed
+    }
+
+    /// Writes this node's presence, as it really is, over what Redis has:
+    /// every room it is recorded in or really in, then its room set.
     async fn resync_presence(&self) -> Result<(), RedisError> {
         let _turn = self.presence_turn.write().await;
-        let mut invocation = self
-            .presence_resync_script
-            .key(self.keys.node_presence(&self.settings.node_id));
-        invocation.arg(&self.settings.prefix);
-        for ((room, user), connections) in lock(&self.presence_mirror).iter() {
-            invocation.arg(&**room).arg(&**user).arg(*connections);
-        }
         self.presence_dirty.store(false, Ordering::Release);
-        let mut commands = self.commands.clone();
-        let result: Result<i64, RedisError> = invocation.invoke_async(&mut commands).await;
+        let result = self.resync_presence_locked().await;
         if result.is_err() {
             self.presence_dirty.store(true, Ordering::Release);
         }
-        result.map(|_| ())
+        result
+    }
+
+    async fn resync_presence_locked(&self) -> Result<(), RedisError> {
+        let node = &self.settings.node_id;
+        let mut commands = self.commands.clone();
+        let recorded: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.node_rooms(node))
+            .query_async(&mut commands)
+            .await?;
+        let mut rooms: HashMap<Arc<str>, Vec<(Arc<str>, i64)>> = {
+            let mut mirror = lock(&self.presence_mirror);
+            mirror.left.clear();
+            mirror
+                .rooms
+                .iter()
+                .map(|(room, users)| {
+                    let users = users.iter().map(|(u, n)| (u.clone(), *n)).collect();
+                    (room.clone(), users)
+                })
+                .collect()
+        };
+        let present: Vec<Arc<str>> = rooms.keys().cloned().collect();
+        for room in recorded {
+            rooms.entry(room.into()).or_default();
+        }
+        let mut resyncs = Vec::with_capacity(rooms.len());
+        for (room, users) in &rooms {
+            let mut commands = self.commands.clone();
+            let mut invocation = self.scripts.resync_room.key(self.keys.presence(room));
+            invocation.key(self.keys.node_presence(room, node));
+            for (user, connections) in users {
+                invocation.arg(&**user).arg(*connections);
+            }
+            resyncs.push(async move { invocation.invoke_async::<()>(&mut commands).await }.boxed());
+        }
+        for resynced in at_most_16_at_a_time(resyncs).await {
+            resynced?;
+        }
+        let mut invocation = self.scripts.replace_set.key(self.keys.node_rooms(node));
+        for room in &present {
+            invocation.arg(&**room);
+        }
+        invocation.invoke_async::<()>(&mut commands).await
+    }
+
+    async fn presence_change(
+        &self,
+        script: &Script,
+        delta: i64,
+        room: &str,
+        user: &str,
+        event: Utf8Bytes,
+    ) -> Result<bool, BrokerError> {
+        let _turn = self.presence_turn.read().await;
+        // The node's own record changes whatever Redis says: it is the truth
+        // a resync writes back after an outage.
+        let new_room = {
+            let mut mirror = lock(&self.presence_mirror);
+            let room: Arc<str> = Arc::from(room);
+            let new_room = !mirror.rooms.contains_key(&room);
+            let users = mirror.rooms.entry(room.clone()).or_default();
+            let entry = users.entry(Arc::from(user)).or_insert(0);
+            *entry += delta;
+            if *entry <= 0 {
+                users.remove(user);
+            }
+            if users.is_empty() {
+                mirror.rooms.remove(&room);
+                mirror.left.insert(room);
+            } else {
+                mirror.left.remove(&room);
+            }
+            new_room && delta > 0
+        };
+        let mut commands = self.commands.clone();
+        if new_room {
+            // Before the room's own record: a reaper must find every room.
+            let added = redis::cmd("SADD")
+                .arg(self.keys.node_rooms(&self.settings.node_id))
+                .arg(room)
+                .query_async::<()>(&mut commands)
+                .await;
+            if let Err(err) = added {
+                self.presence_dirty.store(true, Ordering::Release);
+                return Err(unavailable(err));
+            }
+        }
+        let changed: Result<i64, RedisError> = script
+            .key(self.keys.presence(room))
+            .key(self.keys.node_presence(room, &self.settings.node_id))
+            .arg(user)
+            .arg(self.keys.room_channel(room))
+            .arg(event.as_str())
+            .invoke_async(&mut commands)
+            .await;
+        match changed {
+            Ok(changed) => Ok(changed == 1),
+            Err(err) => {
+                self.presence_dirty.store(true, Ordering::Release);
+                Err(unavailable(err))
+            }
+        }
     }
 }
 
-/// (room, user)
-type RoomUser = (Arc<str>, Arc<str>);
+/// Runs per-room steps side by side (on a Cluster they spread over the
+/// shards), a bounded number at a time; their results.
+async fn at_most_16_at_a_time<T>(steps: Vec<BoxFuture<'_, T>>) -> Vec<T> {
+    futures::stream::iter(steps)
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
 
 /// A read of a room's stream.
 struct Snapshot {
@@ -903,35 +885,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn supervise_subscriber(broker: std::sync::Weak<RedisBroker>) {
-    let mut attempt = 0u32;
-    let mut connected_before = false;
-    loop {
-        let Some(strong) = broker.upgrade() else {
-            return;
-        };
-        let connection =
-            tokio::time::timeout(Duration::from_secs(2), strong.client.get_async_pubsub()).await;
-        match connection {
-            Ok(Ok(pubsub)) => {
-                let (sink, stream) = pubsub.split();
-                let started = tokio::time::Instant::now();
-                strong.run_subscriber(sink, stream, connected_before).await;
-                connected_before = true;
-                if started.elapsed() > Duration::from_secs(10) {
-                    attempt = 0;
-                }
-            }
-            Ok(Err(err)) => tracing::debug!(error = %err, "connecting the Redis subscriber failed"),
-            Err(_) => tracing::debug!("connecting the Redis subscriber timed out"),
-        }
-        drop(strong);
-        tokio::time::sleep(backoff(attempt)).await;
-        attempt = attempt.saturating_add(1);
-    }
-}
-
-async fn keep_alive(broker: std::sync::Weak<RedisBroker>) {
+async fn keep_alive(broker: Weak<RedisBroker>) {
     loop {
         let Some(strong) = broker.upgrade() else {
             return;
@@ -947,7 +901,10 @@ async fn keep_alive(broker: std::sync::Weak<RedisBroker>) {
 
 impl Broker for RedisBroker {
     fn kind(&self) -> &'static str {
-        "redis"
+        match self.flavor {
+            Flavor::Classic => "redis",
+            Flavor::Sharded => "redis-cluster",
+        }
     }
 
     fn state(&self) -> BrokerState {
@@ -963,7 +920,9 @@ impl Broker for RedisBroker {
             kind: self.kind(),
             state: self.state(),
             channels: self.counters.channels.load(Ordering::Relaxed),
+            subscriber_connections: self.counters.connections.load(Ordering::Relaxed),
             reconnects: self.counters.reconnects.load(Ordering::Relaxed),
+            channels_moved: self.counters.channels_moved.load(Ordering::Relaxed),
             gap_messages_recovered: self.counters.gap_messages_recovered.load(Ordering::Relaxed),
             stream_reads: self.counters.stream_reads.load(Ordering::Relaxed),
         }
@@ -977,12 +936,12 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<Stored, BrokerError>> {
         async move {
             let mut commands = self.commands.clone();
-            let mut invocation = self.publish_script.key(self.keys.stream(room));
+            let mut invocation = self.scripts.publish.key(self.keys.stream(room));
             if let Some(key) = key {
                 invocation.key(self.keys.idempotency(room, key));
             }
             let (id, duplicate): (String, i64) = invocation
-                .arg(self.keys.channel(&Channel::Room(Arc::from(room))))
+                .arg(self.keys.room_channel(room))
                 .arg(self.settings.history_size)
                 .arg(self.settings.history_ttl.as_millis() as u64)
                 .arg(&message.prefix)
@@ -1012,7 +971,7 @@ impl Broker for RedisBroker {
                 _ => text.as_str().to_string(),
             };
             let mut commands = self.commands.clone();
-            let receivers: usize = redis::cmd("PUBLISH")
+            let receivers: usize = redis::cmd(self.flavor.publish())
                 .arg(self.keys.channel(channel))
                 .arg(payload)
                 .query_async(&mut commands)
@@ -1045,7 +1004,7 @@ impl Broker for RedisBroker {
         user: &'a str,
         event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
-        self.presence_change(&self.presence_add_script, 1, room, user, event)
+        self.presence_change(&self.scripts.presence_add, 1, room, user, event)
             .boxed()
     }
 
@@ -1055,7 +1014,7 @@ impl Broker for RedisBroker {
         user: &'a str,
         event: Utf8Bytes,
     ) -> BoxFuture<'a, Result<bool, BrokerError>> {
-        self.presence_change(&self.presence_remove_script, -1, room, user, event)
+        self.presence_change(&self.scripts.presence_remove, -1, room, user, event)
             .boxed()
     }
 
@@ -1170,67 +1129,9 @@ impl Broker for RedisBroker {
     }
 }
 
-impl RedisBroker {
-    async fn presence_change(
-        &self,
-        script: &Script,
-        delta: i64,
-        room: &str,
-        user: &str,
-        event: Utf8Bytes,
-    ) -> Result<bool, BrokerError> {
-        let _turn = self.presence_turn.read().await;
-        // The node's own record changes whatever Redis says: it is the truth
-        // a resync writes back after an outage.
-        {
-            let mut mirror = lock(&self.presence_mirror);
-            let key = (Arc::from(room), Arc::from(user));
-            let entry = mirror.entry(key.clone()).or_insert(0);
-            *entry += delta;
-            if *entry <= 0 {
-                mirror.remove(&key);
-            }
-        }
-        let mut commands = self.commands.clone();
-        let changed: Result<i64, RedisError> = script
-            .key(self.keys.presence(room))
-            .key(self.keys.node_presence(&self.settings.node_id))
-            .arg(user)
-            .arg(room)
-            .arg(self.keys.channel(&Channel::Room(Arc::from(room))))
-            .arg(event.as_str())
-            .invoke_async(&mut commands)
-            .await;
-        match changed {
-            Ok(changed) => Ok(changed == 1),
-            Err(err) => {
-                self.presence_dirty.store(true, Ordering::Release);
-                Err(unavailable(err))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn channel_names_round_trip_and_foreign_ones_are_ignored() {
-        let keys = Keys {
-            prefix: "rc".into(),
-        };
-        for channel in [
-            Channel::Room("chat:1".into()),
-            Channel::User("bob@example.com".into()),
-            Channel::Broadcast,
-        ] {
-            assert_eq!(keys.parse_channel(&keys.channel(&channel)), Some(channel));
-        }
-        assert_eq!(keys.channel(&Channel::Room("r".into())), "rc:room:{r}");
-        assert_eq!(keys.parse_channel("other:room:{r}"), None);
-        assert_eq!(keys.parse_channel("rc:room:r"), None);
-    }
 
     #[test]
     fn room_payloads_carry_the_id_or_a_dash() {

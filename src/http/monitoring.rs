@@ -159,9 +159,19 @@ pub async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
             broker.channels as f64,
         ),
         (
+            "roomcast_broker_subscriber_connections",
+            "Connections the node subscribes on (one per Redis server or Cluster shard it needs)",
+            broker.subscriber_connections as f64,
+        ),
+        (
             "roomcast_broker_reconnects",
-            "Times the broker subscriber connection was re-established",
+            "Times the broker subscriptions were restored after a subscriber connection failed",
             broker.reconnects as f64,
+        ),
+        (
+            "roomcast_broker_channels_moved",
+            "Channels subscribed again elsewhere because a Redis Cluster node stopped serving them",
+            broker.channels_moved as f64,
         ),
         (
             "roomcast_broker_gap_messages_recovered",

@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod browser;
+mod cluster;
 mod deploy;
 mod frames;
 mod hostile;

@@ -23,9 +23,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod browser;
+pub mod redis_cluster;
+
+pub use redis_cluster::RedisCluster;
 
 /// Defines each named `async fn(Topology)` test once per topology: one
-/// node with the in-process broker, and three nodes sharing a Redis.
+/// node with the in-process broker, three nodes sharing a Redis, and three
+/// nodes on a Redis Cluster of three masters and three replicas.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod one_node {
@@ -41,6 +45,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(crate::support::Topology::ThreeNodesOnRedis).await
+                }
+            )*
+        }
+        mod three_nodes_on_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Topology::ThreeNodesOnRedisCluster).await
                 }
             )*
         }
@@ -142,65 +154,22 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts (scripts/test installs it)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.try_cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(spawn_redis_server(self.port, &[]));
+        wait_for_redis(self.port);
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn try_cli(&self, args: &[&str]) -> Option<String> {
-        let output = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
-    }
-
     /// Runs a command with redis-cli; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        self.try_cli(args)
-            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+        redis_cli(self.port, args)
     }
 
     /// How often Redis ran `command` (from scripts too), per INFO commandstats.
     pub fn command_calls(&self, command: &str) -> u64 {
-        let info = self.cli(&["INFO", "commandstats"]);
-        let prefix = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|calls| calls.parse().ok())
-            .unwrap_or(0)
+        command_calls(self.port, command)
     }
 
     /// Kills the server (its data is gone: no persistence).
@@ -224,6 +193,72 @@ impl Drop for RedisServer {
     }
 }
 
+/// Starts a `redis-server` without persistence on loopback `port`, with
+/// `extra` settings.
+pub fn spawn_redis_server(port: u16, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts (scripts/test installs it)")
+}
+
+/// Waits until the `redis-server` on `port` answers.
+pub fn wait_for_redis(port: u16) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while try_redis_cli(port, &["PING"]).as_deref() != Some("PONG") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server on {port} did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command with redis-cli against loopback `port`; its output, or
+/// `None` when redis-cli failed.
+pub fn try_redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// Runs a command with redis-cli; panics when redis-cli fails.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    try_redis_cli(port, args).unwrap_or_else(|| panic!("redis-cli -p {port} {args:?} failed"))
+}
+
+/// How often the Redis on `port` ran `command` (from scripts too), per
+/// INFO commandstats.
+pub fn command_calls(port: u16, command: &str) -> u64 {
+    let info = redis_cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -239,12 +274,16 @@ pub enum Topology {
     OneNode,
     /// Three nodes sharing a Redis; clients are spread over them.
     ThreeNodesOnRedis,
+    /// Three nodes on a Redis Cluster (sharded pub/sub); clients are spread
+    /// over them.
+    ThreeNodesOnRedisCluster,
 }
 
-/// The nodes of a test, and the Redis they share if any.
+/// The nodes of a test, and the Redis (or Redis Cluster) they share if any.
 pub struct Cluster {
     pub nodes: Vec<TestNode>,
     pub redis: Option<RedisServer>,
+    pub redis_cluster: Option<RedisCluster>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -254,9 +293,11 @@ impl Topology {
             Topology::OneNode => Cluster {
                 nodes: vec![TestNode::start(args).await],
                 redis: None,
+                redis_cluster: None,
                 next: Default::default(),
             },
             Topology::ThreeNodesOnRedis => Cluster::on_redis(3, args).await,
+            Topology::ThreeNodesOnRedisCluster => Cluster::on_redis_cluster(3, args).await,
         }
     }
 }
@@ -265,17 +306,26 @@ impl Cluster {
     /// `count` nodes on a fresh Redis.
     pub async fn on_redis(count: usize, args: &[&str]) -> Cluster {
         let redis = RedisServer::start();
-        let url = redis.url();
-        let mut nodes = Vec::new();
-        for n in 0..count {
-            let id = format!("node-{n}");
-            let mut all = vec!["--redis-url", &url, "--node-id", &id];
-            all.extend_from_slice(args);
-            nodes.push(TestNode::start(&all).await);
-        }
+        let nodes = start_nodes(count, &["--redis-url", &redis.url()], args).await;
         Cluster {
             nodes,
             redis: Some(redis),
+            redis_cluster: None,
+            next: Default::default(),
+        }
+    }
+
+    /// `count` nodes on a fresh Redis Cluster.
+    pub async fn on_redis_cluster(count: usize, args: &[&str]) -> Cluster {
+        let redis_cluster = tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .expect("the Redis Cluster starts");
+        let seeds = redis_cluster.seeds();
+        let nodes = start_nodes(count, &["--redis-cluster-urls", &seeds], args).await;
+        Cluster {
+            nodes,
+            redis: None,
+            redis_cluster: Some(redis_cluster),
             next: Default::default(),
         }
     }
@@ -290,6 +340,19 @@ impl Cluster {
     pub async fn connect(&self, user: &str) -> Client {
         self.pick().connect(user).await
     }
+}
+
+/// `count` nodes named `node-0`… with the shared-broker flags, then `args`.
+async fn start_nodes(count: usize, broker: &[&str], args: &[&str]) -> Vec<TestNode> {
+    let mut nodes = Vec::with_capacity(count);
+    for n in 0..count {
+        let id = format!("node-{n}");
+        let mut all = broker.to_vec();
+        all.extend_from_slice(&["--node-id", &id]);
+        all.extend_from_slice(args);
+        nodes.push(TestNode::start(&all).await);
+    }
+    nodes
 }
 
 /// A node started as a child process of the built binary, killed on drop.
@@ -581,6 +644,17 @@ impl Client {
         loop {
             let frame = self.recv().await;
             if frame["type"] != "join" && frame["type"] != "leave" {
+                return frame;
+            }
+        }
+    }
+
+    /// The next frame that is neither a presence event nor of type `skip`
+    /// (e.g. the sender's own copies of room messages it published).
+    pub async fn recv_reply_skipping(&mut self, skip: &str) -> Value {
+        loop {
+            let frame = self.recv_reply().await;
+            if frame["type"] != skip {
                 return frame;
             }
         }
