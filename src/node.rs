@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -125,9 +125,7 @@ impl Node {
     /// Binds the listener and starts serving.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| NodeError::Bind(config.bind, e))?;
+        let listener = listen(config.bind).map_err(|e| NodeError::Bind(config.bind, e))?;
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Bind(config.bind, e))?;
@@ -290,6 +288,22 @@ impl Node {
         self.stats_sharer.abort();
         tracing::info!(node = %state.node_id, "stopped");
     }
+}
+
+/// Pending connections the kernel queues before `accept`. std's 128 overflows
+/// in a reconnect storm (each overflow is a client retrying a second later);
+/// the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(bind: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if bind.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(bind)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Every [`STATS_INTERVAL`]: closes the latency window and shares this
