@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Summarise wsbench RESULT lines (JSON lines written by scripts/bench).
+
+  bench-report.py RESULTS.jsonl --brief                 one line about the last run
+  bench-report.py RESULTS.jsonl --summary FILE.md       a Markdown table of every run
+  bench-report.py RESULTS.jsonl --chart FILE.png        latency vs offered load (sweep-* runs)
+
+Only the standard library is needed, except matplotlib for --chart.
+"""
+import argparse
+import json
+import sys
+
+
+def load(path):
+    runs = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("RESULT "):
+                line = line[len("RESULT "):]
+            if line:
+                try:
+                    runs.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return runs
+
+
+def nodes_cpu(cost, key):
+    """CPU µs per item of the node processes only (Redis apart): user, system, total."""
+    u = s = 0.0
+    found = False
+    for p in cost.get("procs", []):
+        per = p.get(key)
+        if per and str(p.get("name", "")).startswith("node"):
+            u += per["user"]
+            s += per["system"]
+            found = True
+    return (round(u, 3), round(s, 3), round(u + s, 3)) if found else None
+
+
+def proc_cpu(cost, key, prefix):
+    for p in cost.get("procs", []):
+        per = p.get(key)
+        if per and str(p.get("name", "")).startswith(prefix):
+            return per["total"]
+    return None
+
+
+def fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def row(r):
+    sc = r.get("scenario")
+    label = r.get("label") or sc
+    lat = r.get("latency_ms") or {}
+    d = r.get("delivery") or {}
+    cost = r.get("cost") or {}
+    machine = (cost.get("machine") or {})
+    out = {
+        "label": label,
+        "delivered": f"{d.get('delivered', '-')}/{d.get('expected', '-')}" if d else "-",
+        "lost/dup/ooo": f"{d.get('lost', '-')}/{d.get('duplicated', '-')}/{d.get('out_of_order', '-')}" if d else "-",
+        "p50": fmt(lat.get("p50")),
+        "p99": fmt(lat.get("p99")),
+        "p99.9": fmt(lat.get("p99.9")),
+        "max": fmt(lat.get("max")),
+        "cpu µs/deliv nodes u/s/t": "-",
+        "redis µs/deliv": "-",
+        "gen cpu%": fmt((cost.get("generator") or {}).get("cpu_pct"), 0),
+        "other cpu%": fmt(machine.get("unexplained_pct"), 0),
+        "notes": "",
+    }
+    notes = []
+    if sc in ("fanout", "rooms"):
+        c = nodes_cpu(cost, "cpu_us_per_delivery")
+        if c:
+            out["cpu µs/deliv nodes u/s/t"] = f"{c[0]:.2f}/{c[1]:.2f}/{c[2]:.2f}"
+        rc = proc_cpu(cost, "cpu_us_per_delivery", "redis")
+        if rc is not None:
+            out["redis µs/deliv"] = fmt(rc)
+        pub = r.get("publish") or {}
+        notes.append(f"{pub.get('sent_per_s', '-')} msg/s sent")
+        if pub.get("failed"):
+            notes.append(f"publish failed {pub['failed']} {pub.get('errors')}")
+        ended = (r.get("receivers") or {}).get("ended_early")
+        if ended:
+            notes.append(f"ended early {ended}")
+        notes.append(f"{r.get('deliveries_per_s', 0):.0f} deliveries/s")
+    elif sc == "conns":
+        h = r.get("hold") or {}
+        notes.append(f"held {h.get('held')}, dropped {h.get('dropped')} over {r['params']['hold_s']} s")
+        for m in r.get("memory", []):
+            notes.append(f"{m['name']} RSS/conn {m['rss_per_conn_kib']} KiB")
+        c = r.get("connect") or {}
+        notes.append(f"connect {c.get('per_second')}/s p99 {c.get('ms', {}).get('p99')} ms, failed {c.get('failed')}")
+        if c.get("tcp_counters"):
+            notes.append(f"tcp {c['tcp_counters']}")
+    elif sc == "resume":
+        st = r.get("storm") or {}
+        rl = st.get("resume_ms") or {}
+        out["p50"], out["p99"], out["p99.9"], out["max"] = (
+            fmt(rl.get("p50")), fmt(rl.get("p99")), fmt(rl.get("p99.9")), fmt(rl.get("max")))
+        notes.append(f"resume times; resumed {st.get('resumed')}/{st.get('clients')}, "
+                     f"recovered {st.get('recovered_true')} (false {st.get('recovered_false')}), "
+                     f"exact {r.get('exact_clients')}")
+        if r.get("redis_stream_reads") is not None:
+            notes.append(f"redis stream reads {r['redis_stream_reads']}")
+        if st.get("failures"):
+            notes.append(f"failures {st['failures']}")
+        tc = (cost.get("tcp_counters") or {})
+        if tc:
+            notes.append(f"tcp {tc}")
+    if r.get("machine_busy_before_pct") is not None and r["machine_busy_before_pct"] >= 20:
+        notes.append(f"machine {r['machine_busy_before_pct']}% busy before the run")
+    if r.get("timed_out"):
+        notes.append("TIMED OUT")
+    if r.get("error"):
+        notes.append(f"error: {r['error']}")
+    out["notes"] = "; ".join(notes)
+    return out
+
+
+def summary(runs):
+    rows = [row(r) for r in runs]
+    if not rows:
+        return "(no results)\n"
+    cols = list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n\nLatencies in ms (resume rows: time to `joined`).\n"
+
+
+def chart(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    series = {}
+    for r in runs:
+        label = r.get("label") or ""
+        if not label.startswith("sweep-") or r.get("scenario") != "fanout":
+            continue
+        setup = "2 nodes + Redis" if label.endswith("-redis2") else "1 node"
+        lat = r.get("latency_ms") or {}
+        if not lat.get("count"):
+            continue
+        series.setdefault(setup, []).append((r["params"]["rate"], lat, r["params"]["subs"]))
+    if not series:
+        print("bench-report: no sweep-* runs to chart", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), sharey=True, squeeze=False)
+    for ax, (setup, pts) in zip(axes[0], sorted(series.items())):
+        pts.sort(key=lambda p: p[0])
+        rates = [p[0] for p in pts]
+        for key, style in (("p50", "o-"), ("p99", "s-"), ("p99.9", "^-"), ("max", "x:")):
+            ax.plot(rates, [p[1][key] for p in pts], style, label=key)
+        subs = pts[0][2]
+        ax.set_title(f"fan-out to {subs} subscribers, {setup}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(rates)
+        ax.set_xticklabels([f"{r:g}" for r in rates])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"offered load, messages/s published (x {subs} deliveries each)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("publish-to-deliver latency, ms")
+    fig.suptitle("roomcast latency vs offered load (wsbench, loopback, 2 cores shared with the generator)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"bench-report: wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--brief", action="store_true")
+    ap.add_argument("--summary")
+    ap.add_argument("--chart")
+    a = ap.parse_args()
+    runs = load(a.results)
+    if a.brief:
+        if runs:
+            r = row(runs[-1])
+            print("  " + "  ".join(f"{k} {v}" for k, v in r.items() if v not in ("-", "")))
+        return
+    if a.summary:
+        with open(a.summary, "w") as f:
+            f.write(summary(runs))
+    if a.chart:
+        chart(runs, a.chart)
+
+
+if __name__ == "__main__":
+    main()
