@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -214,6 +215,13 @@ impl Node {
         let app = crate::http::router(state.clone());
         let (stop_server, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
+            // No Nagle: a frame written while an earlier one is unacknowledged
+            // would otherwise wait for the peer's delayed ACK (up to 40 ms).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(err) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %err, "TCP_NODELAY not set");
+                }
+            });
             let serve = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
