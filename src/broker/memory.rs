@@ -33,7 +33,7 @@ pub struct MemoryBroker {
     /// Node → (stats snapshot, expiry). Only this node ever shares here.
     node_stats: Mutex<HashMap<String, (String, Instant)>>,
     /// Unbounded so that publishing never waits: the listener only
-    /// `try_send`s to client queues, and client input is rate limited.
+    /// offers to bounded client queues, and client input is rate limited.
     deliveries: mpsc::UnboundedSender<Delivery>,
 }
 
