@@ -65,7 +65,8 @@ impl ChromeDriver {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             profiles,
         };
-        let deadline = tokio::time::Instant::now() + WAIT;
+        // Generous: on a loaded machine chromedriver takes seconds to start.
+        let deadline = tokio::time::Instant::now() + WAIT * 3;
         loop {
             let listening = tokio::net::TcpStream::connect(driver.addr).await.is_ok();
             if !listening {
