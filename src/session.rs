@@ -775,9 +775,8 @@ impl Writer {
         let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Utf8Bytes> = Vec::new();
-        let mut last_write = Instant::now()
-            .checked_sub(self.write_delay)
-            .unwrap_or_else(Instant::now);
+        // Only kept with a WRITE_DELAY: without one, no clock read per write.
+        let mut last_write: Option<Instant> = None;
         let reason = loop {
             tokio::select! {
                 biased;
@@ -802,9 +801,10 @@ impl Writer {
                     };
                     batch.clear();
                     self.cursors.apply(item, &mut batch);
-                    if let Some(wait) = (last_write + self.write_delay)
-                        .checked_duration_since(Instant::now())
-                    {
+                    let wait = last_write
+                        .map(|at| at + self.write_delay)
+                        .and_then(|until| until.checked_duration_since(Instant::now()));
+                    if let Some(wait) = wait {
                         // Busy: gather what arrives until the delay is up.
                         tokio::select! {
                             biased;
@@ -834,7 +834,9 @@ impl Writer {
                     };
                     match written {
                         Ok(()) => {
-                            last_write = Instant::now();
+                            if !self.write_delay.is_zero() {
+                                last_write = Some(Instant::now());
+                            }
                             self.stats.sent(frames, bytes);
                         }
                         Err(err) => {

@@ -1,10 +1,8 @@
 //! The HTTP endpoints ops rely on: health, readiness, /stats and /metrics.
 
-use std::time::Duration;
-
 use serde_json::json;
 
-use crate::support::{http_exchange, http_get, ParseJson, TestNode, WAIT};
+use crate::support::{http_exchange, http_get, TestNode};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200_on_a_running_node() {
@@ -104,17 +102,9 @@ async fn cluster_stats_of_a_single_node_list_it_with_totals_and_a_latency_window
     let mut alice = node.connect("alice").await;
     alice.join("r").await;
     alice.publish("r", json!("x")).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let view = loop {
-        let (status, body) = http_get(node.addr, "/stats?scope=cluster").await;
-        assert_eq!(status, 200, "{body}");
-        let view = body.parse_json();
-        if view["nodes"][0]["latency_ms"]["count"].as_u64() >= Some(1) {
-            break view;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{view}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let view = node
+        .wait_for_cluster_stats(|view| view["nodes"][0]["latency_ms"]["count"].as_u64() >= Some(1))
+        .await;
     assert_eq!(view["scope"], "cluster");
     assert_eq!(view["totals"]["nodes"], 1);
     assert_eq!(view["totals"]["connections"], 1);

@@ -444,15 +444,16 @@ async fn the_cluster_view_lists_every_live_node_with_its_traffic_from_any_node()
         client.expect("message").await;
     }
 
-    let view = wait_for_cluster_view(&cluster.nodes[2], |view| {
-        view["nodes"].as_array().is_some_and(|nodes| {
-            nodes.len() == 3
-                && nodes
-                    .iter()
-                    .all(|n| n["connections"] == 1 && n["messages_out"].as_u64() >= Some(1))
+    let view = cluster.nodes[2]
+        .wait_for_cluster_stats(|view| {
+            view["nodes"].as_array().is_some_and(|nodes| {
+                nodes.len() == 3
+                    && nodes
+                        .iter()
+                        .all(|n| n["connections"] == 1 && n["messages_out"].as_u64() >= Some(1))
+            })
         })
-    })
-    .await;
+        .await;
     let names: Vec<&str> = view["nodes"]
         .as_array()
         .unwrap()
@@ -470,23 +471,7 @@ async fn the_cluster_view_lists_every_live_node_with_its_traffic_from_any_node()
     let gone = cluster.nodes.pop().unwrap();
     drop(clients.pop());
     gone.shutdown().await;
-    wait_for_cluster_view(&cluster.nodes[0], |view| view["totals"]["nodes"] == 2).await;
-}
-
-/// Polls `/stats?scope=cluster` of `node` until `ready` holds.
-async fn wait_for_cluster_view(
-    node: &TestNode,
-    ready: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = http_get(node.addr, "/stats?scope=cluster").await;
-        assert_eq!(status, 200, "{body}");
-        let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        if ready(&view) {
-            return view;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{view}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.nodes[0]
+        .wait_for_cluster_stats(|view| view["totals"]["nodes"] == 2)
+        .await;
 }

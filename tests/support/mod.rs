@@ -107,15 +107,26 @@ impl TestNode {
 
     /// Polls `/stats` until `ready` holds; panics after [`WAIT`].
     pub async fn wait_for_stats(&self, ready: impl Fn(&Value) -> bool) -> Value {
+        self.poll_json("/stats", ready).await
+    }
+
+    /// Polls `/stats?scope=cluster` until `ready` holds; panics after [`WAIT`].
+    pub async fn wait_for_cluster_stats(&self, ready: impl Fn(&Value) -> bool) -> Value {
+        self.poll_json("/stats?scope=cluster", ready).await
+    }
+
+    async fn poll_json(&self, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let stats = self.stats().await;
-            if ready(&stats) {
-                return stats;
+            let (status, body) = http_get(self.addr, path).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            let value = body.parse_json();
+            if ready(&value) {
+                return value;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "stats never got there: {stats}"
+                "{path} never got there: {value}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -128,7 +139,7 @@ impl TestNode {
     }
 }
 
-pub trait ParseJson {
+trait ParseJson {
     fn parse_json(&self) -> Value;
 }
 
