@@ -26,6 +26,8 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 /// how long a snapshot counts when no newer one comes.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 const STATS_TTL: Duration = Duration::from_secs(5);
+/// Deliveries fanned out together at most (when that many are waiting).
+const DISPATCH_BATCH: usize = 256;
 
 /// What the HTTP handlers and sessions of a node share.
 pub struct NodeState {
@@ -161,13 +163,26 @@ impl Node {
                 }
             };
         let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
+        // Unconstrained: fan-out writes to many sockets in one go, and tokio's
+        // per-task I/O budget would otherwise refuse the writes past the
+        // 128th and hand each of them to its connection's task.
         let listener_task = tokio::spawn({
             let hub = hub.clone();
-            async move {
-                while let Some(delivery) = incoming.recv().await {
-                    hub.dispatch(delivery);
+            tokio::task::unconstrained(async move {
+                // Whatever arrived meanwhile is fanned out as one batch.
+                let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+                loop {
+                    let received = incoming.recv_many(&mut batch, DISPATCH_BATCH).await;
+                    if received == 0 {
+                        break;
+                    }
+                    hub.dispatch_all(&mut batch);
+                    if received == DISPATCH_BATCH {
+                        // Under sustained load, let this worker's other tasks run.
+                        tokio::task::yield_now().await;
+                    }
                 }
-            }
+            })
         });
 
         let rules = TokenRules {
@@ -261,18 +276,18 @@ impl Node {
         state.draining.store(true, Ordering::Release);
         let started = Instant::now();
         let window = state.config.drain_timeout;
-        let mut signals = state.hub.close_signals();
-        fastrand::shuffle(&mut signals);
+        let mut mailboxes = state.hub.mailboxes();
+        fastrand::shuffle(&mut mailboxes);
         tracing::info!(
-            connections = signals.len(),
+            connections = mailboxes.len(),
             window_ms = window.as_millis() as u64,
             "draining"
         );
-        let count = signals.len() as u32;
-        for (i, signal) in signals.iter().enumerate() {
+        let count = mailboxes.len() as u32;
+        for (i, mailbox) in mailboxes.iter().enumerate() {
             let at = started + window.mul_f64(0.9) * i as u32 / count.max(1);
             tokio::time::sleep_until(at).await;
-            signal.close(CloseReason::DRAINING);
+            mailbox.close().close(CloseReason::DRAINING);
         }
         let deadline = started + window + crate::session::CLOSE_GRACE + Duration::from_secs(1);
         if tokio::time::timeout_at(deadline, state.sessions.wait_idle())

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -19,9 +18,11 @@ use crate::auth::{AuthError, Credentials, Identity};
 use crate::limits;
 use crate::node::NodeState;
 use crate::session;
+use upgrade::WebSocketUpgrade;
 
 mod api;
 pub(crate) mod monitoring;
+mod upgrade;
 
 pub fn router(state: Arc<NodeState>) -> Router {
     Router::new()
@@ -133,9 +134,15 @@ async fn upgrade(
             "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
         );
     };
-    session::configure(upgrade, &node.config).on_upgrade(move |socket| {
-        session::serve(socket, node, identity, client_ip, (ip_slot, user_slot))
-    })
+    let (response, on_upgrade) = upgrade.accept();
+    tokio::spawn(session::serve(
+        on_upgrade,
+        node,
+        identity,
+        client_ip,
+        (ip_slot, user_slot),
+    ));
+    response
 }
 
 /// Who is connecting: from a ticket, a token (query or Bearer), or, in dev

@@ -1,12 +1,10 @@
-//! The signal that tells a connection's reader and writer tasks to close,
-//! and why. Set once; the first reason wins.
+//! The signal that tells a connection to close, and why. Set once; the first
+//! reason wins.
 
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
-
-use tokio::sync::Notify;
 
 use crate::protocol::close;
 
@@ -68,13 +66,12 @@ impl CloseReason {
     };
 }
 
+/// Read and written from any thread; waited on by the connection's one task
+/// (its reading and writing halves share that task's waker).
 #[derive(Debug, Default)]
 pub struct CloseSignal {
     reason: OnceLock<CloseReason>,
-    notify: Notify,
-    /// The writer's waker. The writer wakes for every frame it writes, and
-    /// polling a `Notify` takes its lock each time; this is one atomic.
-    writer: AtomicWaker,
+    task: AtomicWaker,
 }
 
 impl CloseSignal {
@@ -82,18 +79,17 @@ impl CloseSignal {
     pub fn close(&self, reason: CloseReason) -> bool {
         let decided = self.reason.set(reason).is_ok();
         if decided {
-            self.notify.notify_waiters();
-            self.writer.wake();
+            self.task.wake();
         }
         decided
     }
 
-    /// For the one writer task: ready once a reason is set.
-    pub fn poll_closed_by_writer(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+    /// For the connection's task: ready once a reason is set.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         if let Some(reason) = self.reason() {
             return Poll::Ready(reason);
         }
-        self.writer.register(cx.waker());
+        self.task.register(cx.waker());
         match self.reason() {
             Some(reason) => Poll::Ready(reason),
             None => Poll::Pending,
@@ -106,15 +102,7 @@ impl CloseSignal {
 
     /// Resolves once a reason is set.
     pub async fn closed(&self) -> CloseReason {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(reason) = self.reason() {
-                return reason;
-            }
-            notified.await;
-        }
+        std::future::poll_fn(|cx| self.poll_closed(cx)).await
     }
 }
 
@@ -124,7 +112,7 @@ mod tests {
     use std::sync::Arc;
 
     #[tokio::test]
-    async fn the_first_reason_wins_and_wakes_every_waiter() {
+    async fn the_first_reason_wins_and_wakes_the_waiting_task() {
         let signal = Arc::new(CloseSignal::default());
         let waiter = tokio::spawn({
             let signal = signal.clone();
@@ -135,17 +123,5 @@ mod tests {
         assert!(!signal.close(CloseReason::DRAINING));
         assert_eq!(waiter.await.unwrap(), CloseReason::SLOW_CONSUMER);
         assert_eq!(signal.closed().await, CloseReason::SLOW_CONSUMER);
-    }
-
-    #[tokio::test]
-    async fn the_writer_is_woken_when_a_reason_is_set() {
-        let signal = Arc::new(CloseSignal::default());
-        let writer = tokio::spawn({
-            let signal = signal.clone();
-            async move { std::future::poll_fn(|cx| signal.poll_closed_by_writer(cx)).await }
-        });
-        tokio::task::yield_now().await;
-        signal.close(CloseReason::DRAINING);
-        assert_eq!(writer.await.unwrap(), CloseReason::DRAINING);
     }
 }

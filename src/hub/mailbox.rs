@@ -1,46 +1,175 @@
-//! A connection's outbound queue, between the hub's fan-out (many senders)
-//! and the connection's writer (one receiver). Bounded, and the sending side
-//! never waits: a full queue makes the connection a slow consumer. Empty, it
-//! holds no buffer at all, because most connections are idle most of the
-//! time and a channel's preallocated block would be most of their memory.
+//! A connection's outbound side, shared by the hub's fan-out, the session's
+//! replies and the connection's own task.
+//!
+//! Whoever queues a frame also writes it, straight to the socket, while the
+//! socket takes bytes: a delivery costs one `writev` and no task wake-up.
+//! Only when the socket is full (or a `WRITE_DELAY` is gathering frames) does
+//! the connection's task take over, waiting for the socket to drain and then
+//! writing everything queued meanwhile in one call. The socket's writing half
+//! lives under the mailbox's lock, which is what orders all writers. A fan-out of many
+//! deliveries at once *corks* its mailboxes ([`Mailbox::queue`]) and writes
+//! each one once at the end ([`Mailbox::flush`]), so a busy room gets several
+//! frames per syscall without any added delay.
+//!
+//! The queue is bounded: a connection whose frames pile up past it is a slow
+//! consumer and is told to close with 4008. Empty, it holds no buffer.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 use super::close::{CloseReason, CloseSignal};
+use super::cursors::Cursors;
 use super::Outbound;
 use crate::stats::Stats;
 
+/// Queue entries written per `writev` at most (two slices each).
+const MAX_BATCH: usize = 64;
 /// A queue that grew past this while busy is freed once it is drained.
 const KEEP_CAPACITY: usize = 64;
+/// The longest WebSocket frame header a server sends (no mask).
+const MAX_HEAD: usize = 10;
 
-/// The sending side, held by the hub (once per room joined) and the reader.
-#[derive(Debug)]
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+
+/// The outbound side of one connection; clones share it.
+#[derive(Clone)]
 pub struct Mailbox {
     shared: Arc<Shared>,
-    pub close: Arc<CloseSignal>,
 }
 
-/// The receiving side, owned by the writer.
-#[derive(Debug)]
-pub struct Outbox {
-    shared: Arc<Shared>,
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").finish_non_exhaustive()
+    }
 }
 
-#[derive(Debug)]
+/// How a connection's outbound side is set up.
+pub struct MailboxSettings {
+    /// Frames queued at most before the connection is a slow consumer.
+    pub capacity: usize,
+    /// After a write, gather frames this long before the next one (0: off).
+    pub write_delay: Duration,
+    pub stats: Arc<Stats>,
+}
+
+/// The socket's writing half.
+pub type Sink = Box<dyn AsyncWrite + Send + Unpin>;
+
 struct Shared {
     state: Mutex<State>,
+    close: CloseSignal,
     capacity: usize,
+    write_delay: Duration,
+    stats: Arc<Stats>,
 }
 
-#[derive(Debug)]
 struct State {
-    items: VecDeque<Outbound>,
-    senders: usize,
-    receiver_alive: bool,
-    waker: Option<Waker>,
+    /// None only in unit tests: frames then stay queued.
+    sink: Option<Sink>,
+    cursors: Cursors,
+    queue: VecDeque<Entry>,
+    /// Bytes of the first entry already written.
+    front_written: usize,
+    /// Nothing is written before the session starts the mailbox: the
+    /// `welcome` frame waits until the connection is reachable.
+    started: bool,
+    /// The socket refused bytes; the connection's task waits for it to drain.
+    blocked: bool,
+    /// With a write delay: when the gathered frames are due.
+    flush_at: Option<Instant>,
+    last_write: Option<Instant>,
+    /// Corked by a fan-out that will flush it.
+    corked: bool,
+    /// A close frame is queued, or the socket is gone: nothing more goes out.
+    finished: bool,
+    /// The connection's task, waiting for work.
+    task: Option<Waker>,
+}
+
+/// One queued frame: its header and payload, written with one `writev`.
+struct Entry {
+    head: [u8; MAX_HEAD],
+    head_len: u8,
+    /// Counted in the `sent` statistics (data frames, not control frames).
+    data: bool,
+    body: Bytes,
+}
+
+impl Entry {
+    fn frame(opcode: u8, body: Bytes) -> Self {
+        let mut head = [0u8; MAX_HEAD];
+        head[0] = 0x80 | opcode;
+        let len = body.len();
+        let head_len = if len < 126 {
+            head[1] = len as u8;
+            2
+        } else if len <= u16::MAX as usize {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        } else {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Entry {
+            head,
+            head_len,
+            data: opcode == OP_TEXT,
+            body,
+        }
+    }
+
+    /// Bytes that are already framed (the WebSocket library's own replies).
+    fn raw(bytes: Bytes) -> Self {
+        Entry {
+            head: [0; MAX_HEAD],
+            head_len: 0,
+            data: false,
+            body: bytes,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head_len as usize + self.body.len()
+    }
+
+    /// The unwritten part of this entry, `skip` bytes in, as up to two slices.
+    fn slices(&self, skip: usize) -> [&[u8]; 2] {
+        let head = &self.head[..self.head_len as usize];
+        if skip < head.len() {
+            [&head[skip..], &self.body]
+        } else {
+            [&[], &self.body[skip - head.len()..]]
+        }
+    }
+}
+
+/// What the connection's task must do for its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Wait until the socket takes bytes again, then [`Mailbox::unblock`].
+    Blocked,
+    /// Write the gathered frames at this time ([`Mailbox::due`]).
+    FlushAt(Instant),
+}
+
+/// The result of a write attempt.
+enum Written {
+    /// Everything queued is out (or nothing may be written yet).
+    Done,
+    /// The socket is full.
+    WouldBlock,
 }
 
 impl Shared {
@@ -49,122 +178,375 @@ impl Shared {
     }
 }
 
-/// A queue of `capacity` items for one connection, closed through `close`.
-pub fn mailbox(capacity: usize, close: Arc<CloseSignal>) -> (Mailbox, Outbox) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            items: VecDeque::new(),
-            senders: 1,
-            receiver_alive: true,
-            waker: None,
-        }),
-        capacity,
-    });
-    (
-        Mailbox {
-            shared: shared.clone(),
-            close,
-        },
-        Outbox { shared },
-    )
-}
-
 impl Mailbox {
-    /// Queues `item` without waiting; a full queue closes the connection as a
-    /// slow consumer. Returns false when the item was not queued.
-    pub fn offer(&self, item: Outbound, stats: &Stats) -> bool {
+    /// A mailbox writing to `sink` (none: frames stay queued, for tests).
+    pub fn new(settings: MailboxSettings, sink: Option<Sink>) -> Self {
+        let MailboxSettings {
+            capacity,
+            write_delay,
+            stats,
+        } = settings;
+        Mailbox {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    sink,
+                    cursors: Cursors::new(capacity),
+                    queue: VecDeque::new(),
+                    front_written: 0,
+                    started: false,
+                    blocked: false,
+                    flush_at: None,
+                    last_write: None,
+                    corked: false,
+                    finished: false,
+                    task: None,
+                }),
+                close: CloseSignal::default(),
+                capacity,
+                write_delay,
+                stats,
+            }),
+        }
+    }
+
+    pub fn close(&self) -> &CloseSignal {
+        &self.shared.close
+    }
+
+    /// Queues `item` and writes what the socket takes now. Returns false when
+    /// the item was refused (closing, or a slow consumer).
+    pub fn offer(&self, item: Outbound) -> bool {
         let mut state = self.shared.lock();
-        if !state.receiver_alive {
-            return false;
-        }
-        if state.items.len() >= self.shared.capacity {
-            drop(state);
-            if self.close.close(CloseReason::SLOW_CONSUMER) {
-                stats.slow_consumer_closed();
-            }
-            return false;
-        }
-        state.items.push_back(item);
-        let waker = state.waker.take();
+        let queued = self.enqueue(&mut state, item);
+        let wake = self.write_now(&mut state);
         drop(state);
-        if let Some(waker) = waker {
-            waker.wake();
+        self.after(wake);
+        queued
+    }
+
+    /// Queues `item` without writing: the caller flushes later. Returns true
+    /// when this call corked the mailbox, i.e. the caller must [`flush`] it.
+    ///
+    /// [`flush`]: Mailbox::flush
+    pub fn queue(&self, item: Outbound) -> bool {
+        let mut state = self.shared.lock();
+        self.enqueue(&mut state, item);
+        if state.corked || state.queue.is_empty() {
+            return false;
+        }
+        state.corked = true;
+        true
+    }
+
+    /// Uncorks and writes what the socket takes.
+    pub fn flush(&self) {
+        let mut state = self.shared.lock();
+        state.corked = false;
+        let wake = self.write_now(&mut state);
+        drop(state);
+        self.after(wake);
+    }
+
+    /// From now on frames are written; writes the ones queued so far.
+    pub fn start(&self) {
+        let mut state = self.shared.lock();
+        state.started = true;
+        let wake = self.write_now(&mut state);
+        drop(state);
+        self.after(wake);
+    }
+
+    /// Queues a heartbeat ping.
+    pub fn ping(&self) {
+        let mut state = self.shared.lock();
+        if !state.finished {
+            state.queue.push_back(Entry::frame(OP_PING, Bytes::new()));
+        }
+        let wake = self.write_now(&mut state);
+        drop(state);
+        self.after(wake);
+    }
+
+    /// Ends the outbound stream: with a close frame when `reason` calls for
+    /// one (after the frame being written, if any; the rest is dropped),
+    /// else after what is queued (such as the reply to the peer's close).
+    pub fn finish(&self, reason: CloseReason) {
+        let mut state = self.shared.lock();
+        if state.finished {
+            return;
+        }
+        if reason.send_frame {
+            let keep = usize::from(state.front_written > 0);
+            state.queue.truncate(keep);
+            let mut body = Vec::with_capacity(2 + reason.text.len());
+            body.extend_from_slice(&reason.code.to_be_bytes());
+            body.extend_from_slice(reason.text.as_bytes());
+            state.queue.push_back(Entry::frame(OP_CLOSE, body.into()));
+        }
+        state.finished = true;
+        state.flush_at = None;
+        let wake = self.write_now(&mut state);
+        drop(state);
+        self.after(wake);
+    }
+
+    /// True once everything queued is written (or can never be).
+    pub fn is_drained(&self) -> bool {
+        let state = self.shared.lock();
+        state.queue.is_empty() || state.sink.is_none()
+    }
+
+    /// For the connection's task: ready when the mailbox needs it.
+    pub fn poll_work(&self, cx: &mut Context<'_>) -> Poll<Work> {
+        let mut state = self.shared.lock();
+        if state.blocked {
+            return Poll::Ready(Work::Blocked);
+        }
+        if let Some(at) = state.flush_at {
+            return Poll::Ready(Work::FlushAt(at));
+        }
+        match &state.task {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => state.task = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// For the connection's task, while blocked: writes what waited, ready
+    /// once the socket took all of it (or is gone).
+    pub fn poll_unblock(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        state.blocked = false;
+        match self.write_queued(&mut state, cx.waker()) {
+            Written::Done => Poll::Ready(()),
+            Written::WouldBlock => Poll::Pending,
+        }
+    }
+
+    /// The write delay is over: write what was gathered.
+    pub fn due(&self) {
+        let mut state = self.shared.lock();
+        state.flush_at = None;
+        let wake = match self.write_queued(&mut state, Waker::noop()) {
+            Written::Done => false,
+            Written::WouldBlock => true,
+        };
+        drop(state);
+        self.after(wake);
+    }
+
+    /// The reading half of the socket, for the WebSocket parser. Writes
+    /// through it (the parser's replies to pings and to a close) join this
+    /// queue, in order with everything else.
+    pub fn socket_io<R>(&self, read: R) -> SocketIo<R> {
+        SocketIo {
+            read,
+            mailbox: self.clone(),
+        }
+    }
+
+    /// Applies the room cursors and queues the frames that result.
+    fn enqueue(&self, state: &mut State, item: Outbound) -> bool {
+        // Once the connection is closing only its close frame follows.
+        if state.finished || self.shared.close.reason().is_some() {
+            return false;
+        }
+        if state.queue.len() >= self.shared.capacity {
+            self.slow_consumer(state);
+            return false;
+        }
+        let State { cursors, queue, .. } = state;
+        cursors.apply(item, &mut |text| {
+            queue.push_back(Entry::frame(OP_TEXT, text.into()));
+        });
+        if state.cursors.overflowed || state.queue.len() > self.shared.capacity {
+            self.slow_consumer(state);
+            return false;
         }
         true
     }
-}
 
-impl Clone for Mailbox {
-    fn clone(&self) -> Self {
-        self.shared.lock().senders += 1;
-        Mailbox {
-            shared: self.shared.clone(),
-            close: self.close.clone(),
+    /// Drops what waits (but a frame half written, which must be completed)
+    /// and closes; the task then queues the close frame.
+    fn slow_consumer(&self, state: &mut State) {
+        let keep = usize::from(state.front_written > 0);
+        state.queue.truncate(keep);
+        if self.shared.close.close(CloseReason::SLOW_CONSUMER) {
+            self.shared.stats.slow_consumer_closed();
         }
     }
-}
 
-impl Drop for Mailbox {
-    fn drop(&mut self) {
-        let mut state = self.shared.lock();
-        state.senders -= 1;
-        // The last sender gone ends the writer's `recv`.
-        let waker = if state.senders == 0 {
-            state.waker.take()
-        } else {
-            None
+    /// Writes now unless the task owns the socket, a cork or a delay holds
+    /// the frames back. True when the task must be woken.
+    fn write_now(&self, state: &mut State) -> bool {
+        if !state.started || state.blocked || state.corked || state.queue.is_empty() {
+            return false;
+        }
+        if !self.shared.write_delay.is_zero() && !state.finished {
+            if state.flush_at.is_some() {
+                return false;
+            }
+            if let Some(last) = state.last_write {
+                let due = last + self.shared.write_delay;
+                if Instant::now() < due {
+                    state.flush_at = Some(due);
+                    return true;
+                }
+            }
+        }
+        matches!(self.write_queued(state, Waker::noop()), Written::WouldBlock)
+    }
+
+    /// Writes queued entries until the queue is empty or the socket full.
+    /// `waker` is woken when a full socket drains: the task's own, or none
+    /// for other writers (they wake the task instead).
+    fn write_queued(&self, state: &mut State, waker: &Waker) -> Written {
+        let mut cx = Context::from_waker(waker);
+        let mut frames = 0u64;
+        let mut bytes = 0u64;
+        let outcome = loop {
+            if state.queue.is_empty() {
+                break Written::Done;
+            }
+            let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+            let mut used = 0;
+            let mut skip = state.front_written;
+            for entry in state.queue.iter().take(MAX_BATCH) {
+                for part in entry.slices(skip) {
+                    if !part.is_empty() {
+                        slices[used] = IoSlice::new(part);
+                        used += 1;
+                    }
+                }
+                skip = 0;
+            }
+            let Some(sink) = state.sink.as_mut() else {
+                break Written::Done;
+            };
+            match Pin::new(sink).poll_write_vectored(&mut cx, &slices[..used]) {
+                Poll::Ready(Ok(0)) => {
+                    self.gone(state);
+                    break Written::Done;
+                }
+                Poll::Ready(Ok(mut n)) => {
+                    while n > 0 {
+                        let Some(front) = state.queue.front() else {
+                            break;
+                        };
+                        let left = front.len() - state.front_written;
+                        if n < left {
+                            state.front_written += n;
+                            break;
+                        }
+                        n -= left;
+                        state.front_written = 0;
+                        if front.data {
+                            frames += 1;
+                            bytes += front.body.len() as u64;
+                        }
+                        state.queue.pop_front();
+                    }
+                }
+                Poll::Pending => {
+                    state.blocked = true;
+                    break Written::WouldBlock;
+                }
+                Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(_)) => {
+                    self.gone(state);
+                    break Written::Done;
+                }
+            }
         };
-        drop(state);
+        if frames > 0 {
+            self.shared.stats.sent(frames, bytes);
+        }
+        if !self.shared.write_delay.is_zero() {
+            state.last_write = Some(Instant::now());
+        }
+        if state.queue.is_empty() && state.queue.capacity() > KEEP_CAPACITY {
+            state.queue = VecDeque::new();
+        }
+        outcome
+    }
+
+    /// The peer is gone: drop everything and close without a frame.
+    fn gone(&self, state: &mut State) {
+        state.finished = true;
+        state.queue = VecDeque::new();
+        state.front_written = 0;
+        self.shared.close.close(CloseReason::GONE);
+    }
+
+    fn after(&self, wake: bool) {
+        if !wake {
+            return;
+        }
+        let waker = self.shared.lock().task.take();
         if let Some(waker) = waker {
             waker.wake();
         }
     }
+
+    /// The text of every queued data frame, removing them (tests only).
+    #[cfg(test)]
+    pub fn take_texts(&self) -> Vec<String> {
+        let mut state = self.shared.lock();
+        let texts = state
+            .queue
+            .iter()
+            .filter(|e| e.data)
+            .map(|e| String::from_utf8_lossy(&e.body).into_owned())
+            .collect();
+        state.queue.clear();
+        texts
+    }
 }
 
-impl Outbox {
-    /// The next item; `None` once it is empty and every sender is gone.
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        poll_fn(|cx| {
-            let mut state = self.shared.lock();
-            if let Some(item) = state.items.pop_front() {
-                release_if_drained(&mut state.items);
-                return Poll::Ready(Some(item));
-            }
-            if state.senders == 0 {
-                return Poll::Ready(None);
-            }
-            match &state.waker {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                _ => state.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
-    }
+/// The socket as the WebSocket parser sees it: reads come from the socket's
+/// reading half, writes join the mailbox's queue.
+pub struct SocketIo<R> {
+    read: R,
+    mailbox: Mailbox,
+}
 
-    /// Hands up to `max` queued items to `take`, under one lock.
-    pub fn drain(&mut self, max: usize, mut take: impl FnMut(Outbound)) {
-        let mut state = self.shared.lock();
-        let n = state.items.len().min(max);
-        for item in state.items.drain(..n) {
-            take(item);
+impl<R: AsyncRead + Unpin> AsyncRead for SocketIo<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for SocketIo<R> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = self.mailbox.shared.lock();
+        // Once finished (our close frame queued, or the peer's close already
+        // answered) nothing more may follow.
+        if !state.finished {
+            state
+                .queue
+                .push_back(Entry::raw(Bytes::copy_from_slice(buf)));
         }
-        release_if_drained(&mut state.items);
+        Poll::Ready(Ok(buf.len()))
     }
-}
 
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        let mut state = self.shared.lock();
-        state.receiver_alive = false;
-        state.items = VecDeque::new();
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.mailbox.shared.lock();
+        let wake = self.mailbox.write_now(&mut state);
+        drop(state);
+        self.mailbox.after(wake);
+        Poll::Ready(Ok(()))
     }
-}
 
-/// A burst grew the queue; once it is empty again the memory goes back.
-fn release_if_drained(items: &mut VecDeque<Outbound>) {
-    if items.is_empty() && items.capacity() > KEEP_CAPACITY {
-        *items = VecDeque::new();
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush(cx)
     }
 }
 
@@ -172,72 +554,108 @@ fn release_if_drained(items: &mut VecDeque<Outbound>) {
 mod tests {
     use super::*;
 
+    fn settings(capacity: usize) -> MailboxSettings {
+        MailboxSettings {
+            capacity,
+            write_delay: Duration::ZERO,
+            stats: Arc::new(Stats::new()),
+        }
+    }
+
     fn frame(text: &str) -> Outbound {
         Outbound::Frame(text.to_string().into())
     }
 
-    fn text(item: Outbound) -> String {
-        match item {
-            Outbound::Frame(text) => text.to_string(),
-            other => panic!("unexpected {other:?}"),
-        }
+    #[test]
+    fn frame_headers_use_the_shortest_length_form() {
+        let short = Entry::frame(OP_TEXT, Bytes::from(vec![b'a'; 125]));
+        assert_eq!(&short.head[..short.head_len as usize], &[0x81, 125]);
+        let medium = Entry::frame(OP_TEXT, Bytes::from(vec![b'a'; 126]));
+        assert_eq!(
+            &medium.head[..medium.head_len as usize],
+            &[0x81, 126, 0, 126]
+        );
+        let long = Entry::frame(OP_TEXT, Bytes::from(vec![b'a'; 70_000]));
+        assert_eq!(
+            &long.head[..long.head_len as usize],
+            &[0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]
+        );
+        let ping = Entry::frame(OP_PING, Bytes::new());
+        assert_eq!(&ping.head[..ping.head_len as usize], &[0x89, 0]);
     }
 
-    #[tokio::test]
-    async fn items_arrive_in_order_and_recv_ends_with_the_last_sender() {
-        let (mailbox, mut outbox) = mailbox(4, Arc::new(CloseSignal::default()));
-        let stats = Stats::new();
-        let other = mailbox.clone();
-        assert!(mailbox.offer(frame("a"), &stats));
-        assert!(other.offer(frame("b"), &stats));
-        assert_eq!(text(outbox.recv().await.unwrap()), "a");
-        drop(mailbox);
-        assert_eq!(text(outbox.recv().await.unwrap()), "b");
-        drop(other);
-        assert!(outbox.recv().await.is_none());
+    #[test]
+    fn slices_skip_what_was_already_written() {
+        let entry = Entry::frame(OP_TEXT, Bytes::from_static(b"hello"));
+        assert_eq!(entry.slices(0), [&[0x81u8, 5][..], b"hello"]);
+        assert_eq!(entry.slices(1), [&[5u8][..], b"hello"]);
+        assert_eq!(entry.slices(4), [&[][..], b"llo"]);
     }
 
-    #[tokio::test]
-    async fn a_waiting_receiver_is_woken_by_an_offer_from_another_task() {
-        let (mailbox, mut outbox) = mailbox(4, Arc::new(CloseSignal::default()));
-        let waiting = tokio::spawn(async move { outbox.recv().await.map(text) });
-        tokio::task::yield_now().await;
-        assert!(mailbox.offer(frame("late"), &Stats::new()));
-        assert_eq!(waiting.await.unwrap().as_deref(), Some("late"));
+    #[test]
+    fn items_are_queued_in_order() {
+        let mailbox = Mailbox::new(settings(4), None);
+        assert!(mailbox.offer(frame("a")));
+        assert!(mailbox.offer(frame("b")));
+        assert_eq!(mailbox.take_texts(), vec!["a", "b"]);
     }
 
     #[test]
     fn a_full_queue_closes_the_connection_as_a_slow_consumer() {
-        let close = Arc::new(CloseSignal::default());
-        let (mailbox, _outbox) = mailbox(2, close.clone());
-        let stats = Stats::new();
-        assert!(mailbox.offer(frame("1"), &stats));
-        assert!(mailbox.offer(frame("2"), &stats));
-        assert!(!mailbox.offer(frame("3"), &stats));
-        assert_eq!(close.reason(), Some(CloseReason::SLOW_CONSUMER));
+        let mailbox = Mailbox::new(settings(2), None);
+        let stats = mailbox.shared.stats.clone();
+        assert!(mailbox.offer(frame("1")));
+        assert!(mailbox.offer(frame("2")));
+        assert!(!mailbox.offer(frame("3")));
+        assert_eq!(mailbox.close().reason(), Some(CloseReason::SLOW_CONSUMER));
         assert_eq!(stats.snapshot_counters().slow_consumer_closes, 1);
+        assert!(
+            !mailbox.offer(frame("4")),
+            "a slow consumer takes nothing more"
+        );
+        mailbox.finish(CloseReason::SLOW_CONSUMER);
+        let state = mailbox.shared.lock();
+        assert_eq!(state.queue.len(), 1, "only the close frame is left");
+        assert_eq!(&state.queue[0].body[..2], &4008u16.to_be_bytes());
     }
 
     #[test]
-    fn drain_takes_at_most_max_and_a_drained_burst_frees_its_buffer() {
-        let (mailbox, mut outbox) = mailbox(1000, Arc::new(CloseSignal::default()));
-        let stats = Stats::new();
-        for n in 0..200 {
-            mailbox.offer(frame(&n.to_string()), &stats);
-        }
-        let mut taken = Vec::new();
-        outbox.drain(150, |item| taken.push(text(item)));
-        assert_eq!(taken.len(), 150);
-        assert_eq!(taken[149], "149");
-        outbox.drain(150, |item| taken.push(text(item)));
-        assert_eq!(taken.len(), 200);
-        assert_eq!(outbox.shared.lock().items.capacity(), 0);
+    fn corking_asks_for_one_flush_per_batch() {
+        let mailbox = Mailbox::new(settings(8), None);
+        assert!(mailbox.queue(frame("a")));
+        assert!(!mailbox.queue(frame("b")), "already corked");
+        mailbox.flush();
+        assert!(mailbox.queue(frame("c")), "corked again after the flush");
+        assert_eq!(mailbox.take_texts(), vec!["a", "b", "c"]);
     }
 
     #[test]
-    fn offers_to_a_gone_writer_are_refused() {
-        let (mailbox, outbox) = mailbox(4, Arc::new(CloseSignal::default()));
-        drop(outbox);
-        assert!(!mailbox.offer(frame("nobody"), &Stats::new()));
+    fn a_server_close_frame_replaces_what_was_still_queued() {
+        let mailbox = Mailbox::new(settings(8), None);
+        mailbox.offer(frame("dropped"));
+        mailbox.finish(CloseReason::DRAINING);
+        assert!(!mailbox.offer(frame("after")));
+        let state = mailbox.shared.lock();
+        assert_eq!(state.queue.len(), 1);
+        let close = &state.queue[0];
+        assert_eq!(close.head[0], 0x88);
+        assert_eq!(&close.body[..2], &1012u16.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn frames_reach_the_socket_and_the_peer_reads_them_in_order() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mailbox = Mailbox::new(settings(8), Some(Box::new(server)));
+        mailbox.offer(frame("welcome"));
+        mailbox.start();
+        mailbox.offer(frame("hi"));
+        let mut got = vec![0u8; 13];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"\x81\x07welcome\x81\x02hi");
+        assert!(mailbox.is_drained());
     }
 }

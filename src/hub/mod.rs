@@ -1,16 +1,18 @@
 //! This node's registry of connections, users and rooms, and the fan-out of
-//! broker deliveries to the local connections' queues.
+//! broker deliveries to the local connections.
 //!
 //! Fan-out never waits on a client: every connection has a bounded queue
-//! ([`Mailbox`]) and gets a cheap clone of an already encoded frame. A
-//! connection whose queue is full is a slow consumer and is told to close
-//! with 4008; nobody else notices.
+//! ([`Mailbox`]) and gets a cheap clone of an already encoded frame, written
+//! straight to its socket when the socket takes it. A connection whose queue
+//! is full is a slow consumer and is told to close with 4008; nobody else
+//! notices.
 
 mod close;
+mod cursors;
 mod mailbox;
 
 pub use close::{CloseReason, CloseSignal};
-pub use mailbox::{mailbox, Mailbox, Outbox};
+pub use mailbox::{Mailbox, MailboxSettings, SocketIo, Work};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -22,10 +24,13 @@ use crate::broker::{Broker, BrokerError, Channel, Delivery};
 use crate::protocol::{MessageId, RoomFrame, ServerFrame};
 use crate::stats::Stats;
 
+/// Connections written per task when a fan-out is split over tasks.
+const FLUSH_CHUNK: usize = 256;
+
 /// A connection's number on this node.
 pub type ConnId = u64;
 
-/// An item of a connection's outbound queue, consumed by its writer task.
+/// An item for a connection's outbound queue.
 #[derive(Debug)]
 pub enum Outbound {
     /// A frame for this connection only (replies, direct, broadcast).
@@ -228,57 +233,68 @@ impl Hub {
 
     /// Fans a delivery out to the local connections it is for.
     pub fn dispatch(&self, delivery: Delivery) {
+        self.dispatch_all(&mut vec![delivery]);
+    }
+
+    /// Fans out every delivery in `deliveries` (emptying it). Mailboxes are
+    /// corked while the batch is queued and written once each at the end, so
+    /// a burst costs one write per connection, not one per frame.
+    pub fn dispatch_all(&self, deliveries: &mut Vec<Delivery>) {
         let started = Instant::now();
         let registry = self.read();
         let stats = &*self.stats;
-        match delivery {
-            Delivery::Room(frame) => {
-                if let Some(members) = registry.rooms.get(&frame.room) {
-                    if let Some(id) = frame.id {
-                        stats.record_delivery_latency(id.ms);
-                    }
-                    for mailbox in members.values() {
-                        mailbox.offer(Outbound::Room(frame.clone()), stats);
+        let mut corked: Vec<Mailbox> = Vec::new();
+        let mut queue = |mailbox: &Mailbox, item: Outbound| {
+            if mailbox.queue(item) {
+                corked.push(mailbox.clone());
+            }
+        };
+        for delivery in deliveries.drain(..) {
+            match delivery {
+                Delivery::Room(frame) => {
+                    if let Some(members) = registry.rooms.get(&frame.room) {
+                        if let Some(id) = frame.id {
+                            stats.record_delivery_latency(id.ms);
+                        }
+                        for mailbox in members.values() {
+                            queue(mailbox, Outbound::Room(frame.clone()));
+                        }
                     }
                 }
-            }
-            Delivery::User { user, text } => {
-                for id in registry.users.get(&user).into_iter().flatten() {
-                    if let Some(connection) = registry.connections.get(id) {
-                        connection
-                            .mailbox
-                            .offer(Outbound::Frame(text.clone()), stats);
+                Delivery::User { user, text } => {
+                    for id in registry.users.get(&user).into_iter().flatten() {
+                        if let Some(connection) = registry.connections.get(id) {
+                            queue(&connection.mailbox, Outbound::Frame(text.clone()));
+                        }
                     }
                 }
-            }
-            Delivery::Broadcast(text) => {
-                for connection in registry.connections.values() {
-                    connection
-                        .mailbox
-                        .offer(Outbound::Frame(text.clone()), stats);
+                Delivery::Broadcast(text) => {
+                    for connection in registry.connections.values() {
+                        queue(&connection.mailbox, Outbound::Frame(text.clone()));
+                    }
                 }
-            }
-            Delivery::Resync(room) => {
-                for mailbox in registry
-                    .rooms
-                    .get(&room)
-                    .into_iter()
-                    .flat_map(|m| m.values())
-                {
-                    mailbox.close.close(CloseReason::RESYNC);
+                Delivery::Resync(room) => {
+                    for mailbox in registry
+                        .rooms
+                        .get(&room)
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                    {
+                        mailbox.close().close(CloseReason::RESYNC);
+                    }
                 }
             }
         }
         drop(registry);
+        flush_spread(corked);
         stats.record_fanout(started.elapsed());
     }
 
-    /// Every connection's close signal, for draining the node.
-    pub fn close_signals(&self) -> Vec<Arc<CloseSignal>> {
+    pub fn mailboxes(&self) -> Vec<Mailbox> {
         self.read()
             .connections
             .values()
-            .map(|c| c.mailbox.close.clone())
+            .map(|c| c.mailbox.clone())
             .collect()
     }
 
@@ -290,6 +306,19 @@ impl Hub {
             rooms: registry.rooms.len(),
         }
     }
+}
+
+/// Writes corked mailboxes. A big batch is split over tasks so that every
+/// core writes to sockets, not only the one that runs the fan-out.
+fn flush_spread(mut corked: Vec<Mailbox>) {
+    while corked.len() > FLUSH_CHUNK * 2 {
+        let chunk = corked.split_off(corked.len() - FLUSH_CHUNK);
+        // Unconstrained, like the fan-out itself (see `Node::start`).
+        tokio::spawn(tokio::task::unconstrained(async move {
+            chunk.iter().for_each(Mailbox::flush)
+        }));
+    }
+    corked.iter().for_each(Mailbox::flush);
 }
 
 #[cfg(test)]
@@ -305,8 +334,16 @@ mod tests {
         (hub, broker, stats)
     }
 
-    fn mailbox(capacity: usize) -> (Mailbox, Outbox) {
-        super::mailbox(capacity, Arc::new(CloseSignal::default()))
+    /// A mailbox without a socket: frames stay queued for `texts`.
+    fn mailbox(capacity: usize) -> Mailbox {
+        Mailbox::new(
+            MailboxSettings {
+                capacity,
+                write_delay: Duration::ZERO,
+                stats: Arc::new(Stats::new()),
+            },
+            None,
+        )
     }
 
     fn room_frame(room: &str, seq: u64) -> Delivery {
@@ -317,30 +354,26 @@ mod tests {
         }))
     }
 
-    fn texts(rx: &mut Outbox) -> Vec<String> {
-        let mut out = Vec::new();
-        rx.drain(usize::MAX, |item| match item {
-            Outbound::Frame(t) => out.push(t.to_string()),
-            Outbound::Room(f) => out.push(f.text.to_string()),
-            other => out.push(format!("{other:?}")),
-        });
-        out
+    fn texts(mailbox: &Mailbox) -> Vec<String> {
+        mailbox.take_texts()
     }
 
     #[tokio::test]
     async fn room_frames_reach_members_only() {
         let (hub, _, _) = hub();
-        let (a, mut a_rx) = mailbox(8);
-        let (b, mut b_rx) = mailbox(8);
+        let a_rx = mailbox(8);
+        let a = a_rx.clone();
+        let b_rx = mailbox(8);
+        let b = b_rx.clone();
         hub.connect(1, "amy".into(), a).await.unwrap();
         hub.connect(2, "bob".into(), b).await.unwrap();
         assert!(hub.join(1, &"r".into()).await.unwrap());
         assert!(!hub.join(1, &"r".into()).await.unwrap());
-        texts(&mut a_rx); // amy's own presence event
+        texts(&a_rx); // amy's own presence event
         hub.dispatch(room_frame("r", 1));
         hub.dispatch(room_frame("other", 2));
-        assert_eq!(texts(&mut a_rx), vec!["m1"]);
-        assert!(texts(&mut b_rx).is_empty());
+        assert_eq!(texts(&a_rx), vec!["m1"]);
+        assert!(texts(&b_rx).is_empty());
         assert_eq!(
             hub.counts(),
             HubCounts {
@@ -354,9 +387,12 @@ mod tests {
     #[tokio::test]
     async fn direct_frames_reach_every_connection_of_the_user() {
         let (hub, _, _) = hub();
-        let (phone, mut phone_rx) = mailbox(8);
-        let (laptop, mut laptop_rx) = mailbox(8);
-        let (other, mut other_rx) = mailbox(8);
+        let phone_rx = mailbox(8);
+        let phone = phone_rx.clone();
+        let laptop_rx = mailbox(8);
+        let laptop = laptop_rx.clone();
+        let other_rx = mailbox(8);
+        let other = other_rx.clone();
         hub.connect(1, "amy".into(), phone).await.unwrap();
         hub.connect(2, "amy".into(), laptop).await.unwrap();
         hub.connect(3, "bob".into(), other).await.unwrap();
@@ -364,38 +400,54 @@ mod tests {
             user: "amy".into(),
             text: "hi".into(),
         });
-        assert_eq!(texts(&mut phone_rx), vec!["hi"]);
-        assert_eq!(texts(&mut laptop_rx), vec!["hi"]);
-        assert!(texts(&mut other_rx).is_empty());
+        assert_eq!(texts(&phone_rx), vec!["hi"]);
+        assert_eq!(texts(&laptop_rx), vec!["hi"]);
+        assert!(texts(&other_rx).is_empty());
         hub.dispatch(Delivery::Broadcast("all".into()));
-        assert_eq!(texts(&mut other_rx), vec!["all"]);
+        assert_eq!(texts(&other_rx), vec!["all"]);
         assert_eq!(hub.counts().users, 2);
     }
 
     #[tokio::test]
     async fn a_full_queue_closes_only_that_connection_as_slow_consumer() {
         let (hub, _, stats) = hub();
-        let (slow, _slow_rx) = mailbox(1);
-        let (fast, mut fast_rx) = mailbox(64);
-        let slow_close = slow.close.clone();
+        let slow = Mailbox::new(
+            MailboxSettings {
+                capacity: 1,
+                write_delay: Duration::ZERO,
+                stats: stats.clone(),
+            },
+            None,
+        );
+        let fast_rx = mailbox(64);
+        let fast = fast_rx.clone();
+        let slow_close = slow.clone();
         hub.connect(1, "slow".into(), slow).await.unwrap();
         hub.connect(2, "fast".into(), fast).await.unwrap();
         hub.join(1, &"r".into()).await.unwrap();
         hub.join(2, &"r".into()).await.unwrap();
-        texts(&mut fast_rx);
+        texts(&fast_rx);
         for seq in 0..5 {
             hub.dispatch(room_frame("r", seq));
         }
-        assert_eq!(slow_close.reason(), Some(CloseReason::SLOW_CONSUMER));
-        assert_eq!(texts(&mut fast_rx), vec!["m0", "m1", "m2", "m3", "m4"]);
+        assert_eq!(
+            slow_close.close().reason(),
+            Some(CloseReason::SLOW_CONSUMER)
+        );
+        assert_eq!(texts(&fast_rx), vec!["m0", "m1", "m2", "m3", "m4"]);
+        assert_eq!(
+            slow_close.take_texts(),
+            Vec::<String>::new(),
+            "a slow consumer's queue is dropped"
+        );
         assert_eq!(stats.snapshot_counters().slow_consumer_closes, 1);
     }
 
     #[tokio::test]
     async fn leaving_and_disconnecting_unsubscribe_the_last_member() {
         let (hub, broker, _) = hub();
-        let (a, _a_rx) = mailbox(8);
-        let (b, _b_rx) = mailbox(8);
+        let a = mailbox(8);
+        let b = mailbox(8);
         hub.connect(1, "amy".into(), a).await.unwrap();
         hub.connect(2, "bob".into(), b).await.unwrap();
         hub.join(1, &"r".into()).await.unwrap();
