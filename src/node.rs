@@ -176,7 +176,7 @@ impl Node {
                     if received == 0 {
                         break;
                     }
-                    hub.dispatch_all(&mut batch);
+                    hub.dispatch_all(&mut batch).await;
                     if received == DISPATCH_BATCH {
                         // Under sustained load, let this worker's other tasks run.
                         tokio::task::yield_now().await;

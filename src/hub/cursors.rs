@@ -59,14 +59,21 @@ struct RoomCursor {
 }
 
 impl RoomCursor {
-    fn pass(&mut self, frame: &RoomFrame, emit: &mut impl FnMut(Utf8Bytes)) {
+    /// False for a frame at or below the last id written.
+    fn admit(&mut self, frame: &RoomFrame) -> bool {
         if let Some(id) = frame.id {
             if self.last.is_some_and(|last| id <= last) {
-                return;
+                return false;
             }
             self.last = Some(id);
         }
-        emit(frame.text.clone());
+        true
+    }
+
+    fn pass(&mut self, frame: &RoomFrame, emit: &mut impl FnMut(Utf8Bytes)) {
+        if self.admit(frame) {
+            emit(frame.text.clone());
+        }
     }
 }
 
@@ -79,23 +86,35 @@ impl Cursors {
         }
     }
 
+    /// Whether a live room frame is to be written now. If not, it is held
+    /// (a join of its room is under way), or dropped as already written, or
+    /// the hold overflowed (`overflowed`).
+    pub fn admit(&mut self, frame: &Arc<RoomFrame>) -> bool {
+        match self.rooms.get_mut(&frame.room) {
+            Some(RoomCursor {
+                held: Some(held), ..
+            }) => {
+                if held.len() >= self.hold_limit {
+                    self.overflowed = true;
+                } else {
+                    held.push(frame.clone());
+                }
+                false
+            }
+            Some(cursor) => cursor.admit(frame),
+            None => true,
+        }
+    }
+
     /// Turns a queue item into the frames to write, in order.
     pub fn apply(&mut self, item: Outbound, emit: &mut impl FnMut(Utf8Bytes)) {
         match item {
             Outbound::Frame(text) => emit(text),
-            Outbound::Room(frame) => match self.rooms.get_mut(&frame.room) {
-                Some(RoomCursor {
-                    held: Some(held), ..
-                }) => {
-                    if held.len() >= self.hold_limit {
-                        self.overflowed = true;
-                    } else {
-                        held.push(frame);
-                    }
+            Outbound::Room(frame) => {
+                if self.admit(&frame) {
+                    emit(frame.text.clone());
                 }
-                Some(cursor) => cursor.pass(&frame, emit),
-                None => emit(frame.text.clone()),
-            },
+            }
             Outbound::JoinStarted(room) => {
                 // A re-join keeps `last`: what was written stays written once.
                 self.rooms.entry(room).held = Some(Vec::new());

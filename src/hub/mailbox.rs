@@ -22,18 +22,23 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::ws::Utf8Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::close::{CloseReason, CloseSignal};
 use super::cursors::Cursors;
 use super::Outbound;
+use crate::protocol::RoomFrame;
 use crate::stats::Stats;
 
 /// Queue entries written per `writev` at most (two slices each).
 const MAX_BATCH: usize = 64;
 /// A queue that grew past this while busy is freed once it is drained.
 const KEEP_CAPACITY: usize = 64;
+/// Up to this many bytes, queued frames are copied into one buffer and
+/// written with one plain write.
+const COPY_LIMIT: usize = 4096;
 /// The longest WebSocket frame header a server sends (no mask).
 const MAX_HEAD: usize = 10;
 
@@ -107,21 +112,7 @@ struct Entry {
 
 impl Entry {
     fn frame(opcode: u8, body: Bytes) -> Self {
-        let mut head = [0u8; MAX_HEAD];
-        head[0] = 0x80 | opcode;
-        let len = body.len();
-        let head_len = if len < 126 {
-            head[1] = len as u8;
-            2
-        } else if len <= u16::MAX as usize {
-            head[1] = 126;
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            4
-        } else {
-            head[1] = 127;
-            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-            10
-        };
+        let (head, head_len) = frame_head(opcode, body.len());
         Entry {
             head,
             head_len,
@@ -153,6 +144,25 @@ impl Entry {
             [&[], &self.body[skip - head.len()..]]
         }
     }
+}
+
+/// A final, unmasked frame header for a payload of `len` bytes.
+fn frame_head(opcode: u8, len: usize) -> ([u8; MAX_HEAD], u8) {
+    let mut head = [0u8; MAX_HEAD];
+    head[0] = 0x80 | opcode;
+    let head_len = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, head_len)
 }
 
 /// What the connection's task must do for its mailbox.
@@ -222,6 +232,101 @@ impl Mailbox {
         drop(state);
         self.after(wake);
         queued
+    }
+
+    /// A live room frame: written straight from the shared frame when nothing
+    /// waits ahead of it (no copy of the frame is kept), else queued.
+    /// Returns false when it was refused.
+    pub fn deliver(&self, frame: &Arc<RoomFrame>) -> bool {
+        let mut state = self.shared.lock();
+        if state.finished || self.shared.close.reason().is_some() {
+            return false;
+        }
+        if !state.cursors.admit(frame) {
+            if state.cursors.overflowed {
+                self.slow_consumer(&mut state);
+                return false;
+            }
+            return true;
+        }
+        let direct = state.started
+            && !state.blocked
+            && !state.corked
+            && state.queue.is_empty()
+            && self.shared.write_delay.is_zero();
+        let wake = if direct {
+            self.write_one(&mut state, &frame.text)
+        } else {
+            if state.queue.len() >= self.shared.capacity {
+                self.slow_consumer(&mut state);
+                return false;
+            }
+            let text = frame.text.clone();
+            state.queue.push_back(Entry::frame(OP_TEXT, text.into()));
+            self.write_now(&mut state)
+        };
+        drop(state);
+        self.after(wake);
+        true
+    }
+
+    /// Writes one text frame from a borrowed payload; what the socket does
+    /// not take is queued for the task. True when the task must be woken.
+    fn write_one(&self, state: &mut State, text: &Utf8Bytes) -> bool {
+        let Some(sink) = state.sink.as_mut() else {
+            state
+                .queue
+                .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+            return false;
+        };
+        let body = text.as_bytes();
+        let (head, head_len) = frame_head(OP_TEXT, body.len());
+        let head = &head[..head_len as usize];
+        let total = head.len() + body.len();
+        let mut cx = Context::from_waker(Waker::noop());
+        let written = if total <= COPY_LIMIT {
+            let mut buffer = [0u8; COPY_LIMIT];
+            buffer[..head.len()].copy_from_slice(head);
+            buffer[head.len()..total].copy_from_slice(body);
+            Pin::new(sink).poll_write(&mut cx, &buffer[..total])
+        } else {
+            Pin::new(sink).poll_write_vectored(&mut cx, &[IoSlice::new(head), IoSlice::new(body)])
+        };
+        match written {
+            Poll::Ready(Ok(n)) if n == total => {
+                self.shared.stats.sent(1, body.len() as u64);
+                if !self.shared.write_delay.is_zero() {
+                    state.last_write = Some(Instant::now());
+                }
+                false
+            }
+            Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
+                state
+                    .queue
+                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+                matches!(self.write_queued(state, Waker::noop()), Written::WouldBlock)
+            }
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                self.gone(state);
+                false
+            }
+            // Partly written, or not at all: the rest waits for the task.
+            Poll::Ready(Ok(n)) => {
+                state
+                    .queue
+                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+                state.front_written = n;
+                state.blocked = true;
+                true
+            }
+            Poll::Pending => {
+                state
+                    .queue
+                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+                state.blocked = true;
+                true
+            }
+        }
     }
 
     /// Queues `item` without writing: the caller flushes later. Returns true
@@ -423,7 +528,22 @@ impl Mailbox {
             let Some(sink) = state.sink.as_mut() else {
                 break Written::Done;
             };
-            match Pin::new(sink).poll_write_vectored(&mut cx, &slices[..used]) {
+            let slices = &slices[..used];
+            let total: usize = slices.iter().map(|slice| slice.len()).sum();
+            let written = if slices.len() > 1 && total <= COPY_LIMIT {
+                // Small frames: one contiguous `send` costs the kernel less
+                // than a `writev` of their pieces.
+                let mut buffer = [0u8; COPY_LIMIT];
+                let mut at = 0;
+                for slice in slices {
+                    buffer[at..at + slice.len()].copy_from_slice(slice);
+                    at += slice.len();
+                }
+                Pin::new(sink).poll_write(&mut cx, &buffer[..total])
+            } else {
+                Pin::new(sink).poll_write_vectored(&mut cx, slices)
+            };
+            match written {
                 Poll::Ready(Ok(0)) => {
                     self.gone(state);
                     break Written::Done;
@@ -656,6 +776,34 @@ mod tests {
         let mut got = vec![0u8; 13];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, b"\x81\x07welcome\x81\x02hi");
+        assert!(mailbox.is_drained());
+    }
+
+    #[tokio::test]
+    async fn room_frames_are_written_in_order_whether_direct_or_queued() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mailbox = Mailbox::new(settings(8), Some(Box::new(server)));
+        let frame = |seq: u64, text: &str| {
+            Arc::new(RoomFrame {
+                room: "r".into(),
+                id: Some(crate::protocol::MessageId::new(1, seq)),
+                text: text.into(),
+            })
+        };
+        // Before the start it is queued; after it, written straight away.
+        assert!(mailbox.deliver(&frame(1, "a")));
+        mailbox.start();
+        assert!(mailbox.deliver(&frame(2, "b")));
+        assert!(mailbox.queue(Outbound::Room(frame(3, "c"))));
+        assert!(mailbox.deliver(&frame(4, "d")), "corked: queued behind c");
+        mailbox.flush();
+        let mut got = vec![0u8; 12];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"\x81\x01a\x81\x01b\x81\x01c\x81\x01d");
         assert!(mailbox.is_drained());
     }
 }

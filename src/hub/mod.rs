@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+use tokio::task::JoinHandle;
+
 use axum::extract::ws::Utf8Bytes;
 
 use crate::broker::{Broker, BrokerError, Channel, Delivery};
@@ -232,15 +234,26 @@ impl Hub {
     }
 
     /// Fans a delivery out to the local connections it is for.
-    pub fn dispatch(&self, delivery: Delivery) {
-        self.dispatch_all(&mut vec![delivery]);
+    pub async fn dispatch(&self, delivery: Delivery) {
+        self.dispatch_all(&mut vec![delivery]).await;
     }
 
     /// Fans out every delivery in `deliveries` (emptying it). Mailboxes are
     /// corked while the batch is queued and written once each at the end, so
     /// a burst costs one write per connection, not one per frame.
-    pub fn dispatch_all(&self, deliveries: &mut Vec<Delivery>) {
+    pub async fn dispatch_all(&self, deliveries: &mut Vec<Delivery>) {
         let started = Instant::now();
+        if let [Delivery::Room(_)] = deliveries.as_slice() {
+            if let Some(Delivery::Room(frame)) = deliveries.pop() {
+                // The next delivery waits for every part of this one: a
+                // connection must get its frames in order.
+                for part in self.deliver_room(frame) {
+                    let _ = part.await;
+                }
+            }
+            self.stats.record_fanout(started.elapsed());
+            return;
+        }
         let registry = self.read();
         let stats = &*self.stats;
         let mut corked: Vec<Mailbox> = Vec::new();
@@ -288,6 +301,43 @@ impl Hub {
         drop(registry);
         flush_spread(corked);
         stats.record_fanout(started.elapsed());
+    }
+
+    /// One room frame on its own (the common case below saturation): each
+    /// member gets it written straight from the shared frame, without a
+    /// copy or a cork. A big room is split over tasks so every core writes.
+    /// Returns the tasks writing the other parts.
+    fn deliver_room(&self, frame: Arc<RoomFrame>) -> Vec<JoinHandle<()>> {
+        let registry = self.read();
+        let Some(members) = registry.rooms.get(&frame.room) else {
+            return Vec::new();
+        };
+        if let Some(id) = frame.id {
+            self.stats.record_delivery_latency(id.ms);
+        }
+        if members.len() <= 2 * FLUSH_CHUNK {
+            for mailbox in members.values() {
+                mailbox.deliver(&frame);
+            }
+            return Vec::new();
+        }
+        let mut mailboxes: Vec<Mailbox> = members.values().cloned().collect();
+        drop(registry);
+        let mut parts = Vec::new();
+        while mailboxes.len() > 2 * FLUSH_CHUNK {
+            let chunk = mailboxes.split_off(mailboxes.len() - FLUSH_CHUNK);
+            let frame = frame.clone();
+            // Unconstrained, like the fan-out itself (see `Node::start`).
+            parts.push(tokio::spawn(tokio::task::unconstrained(async move {
+                for mailbox in &chunk {
+                    mailbox.deliver(&frame);
+                }
+            })));
+        }
+        for mailbox in &mailboxes {
+            mailbox.deliver(&frame);
+        }
+        parts
     }
 
     pub fn mailboxes(&self) -> Vec<Mailbox> {
@@ -370,8 +420,8 @@ mod tests {
         assert!(hub.join(1, &"r".into()).await.unwrap());
         assert!(!hub.join(1, &"r".into()).await.unwrap());
         texts(&a_rx); // amy's own presence event
-        hub.dispatch(room_frame("r", 1));
-        hub.dispatch(room_frame("other", 2));
+        hub.dispatch(room_frame("r", 1)).await;
+        hub.dispatch(room_frame("other", 2)).await;
         assert_eq!(texts(&a_rx), vec!["m1"]);
         assert!(texts(&b_rx).is_empty());
         assert_eq!(
@@ -399,11 +449,12 @@ mod tests {
         hub.dispatch(Delivery::User {
             user: "amy".into(),
             text: "hi".into(),
-        });
+        })
+        .await;
         assert_eq!(texts(&phone_rx), vec!["hi"]);
         assert_eq!(texts(&laptop_rx), vec!["hi"]);
         assert!(texts(&other_rx).is_empty());
-        hub.dispatch(Delivery::Broadcast("all".into()));
+        hub.dispatch(Delivery::Broadcast("all".into())).await;
         assert_eq!(texts(&other_rx), vec!["all"]);
         assert_eq!(hub.counts().users, 2);
     }
@@ -428,7 +479,7 @@ mod tests {
         hub.join(2, &"r".into()).await.unwrap();
         texts(&fast_rx);
         for seq in 0..5 {
-            hub.dispatch(room_frame("r", seq));
+            hub.dispatch(room_frame("r", seq)).await;
         }
         assert_eq!(
             slow_close.close().reason(),
