@@ -165,6 +165,22 @@ fn frame_head(opcode: u8, len: usize) -> ([u8; MAX_HEAD], u8) {
     (head, head_len)
 }
 
+/// Frames and bytes written by [`Mailbox::deliver`], not yet counted.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub frames: u64,
+    pub bytes: u64,
+}
+
+impl Sent {
+    /// Adds these to the node's `sent` statistics.
+    pub fn count(self, stats: &Stats) {
+        if self.frames > 0 {
+            stats.sent(self.frames, self.bytes);
+        }
+    }
+}
+
 /// What the connection's task must do for its mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -236,8 +252,10 @@ impl Mailbox {
 
     /// A live room frame: written straight from the shared frame when nothing
     /// waits ahead of it (no copy of the frame is kept), else queued.
-    /// Returns false when it was refused.
-    pub fn deliver(&self, frame: &Arc<RoomFrame>) -> bool {
+    /// Returns false when it was refused. Frames written here are counted in
+    /// `sent`, for the caller to add to the node's statistics once per
+    /// fan-out rather than once per connection.
+    pub fn deliver(&self, frame: &Arc<RoomFrame>, sent: &mut Sent) -> bool {
         let mut state = self.shared.lock();
         if state.finished || self.shared.close.reason().is_some() {
             return false;
@@ -255,7 +273,7 @@ impl Mailbox {
             && state.queue.is_empty()
             && self.shared.write_delay.is_zero();
         let wake = if direct {
-            self.write_one(&mut state, &frame.text)
+            self.write_one(&mut state, &frame.text, sent)
         } else {
             if state.queue.len() >= self.shared.capacity {
                 self.slow_consumer(&mut state);
@@ -272,7 +290,7 @@ impl Mailbox {
 
     /// Writes one text frame from a borrowed payload; what the socket does
     /// not take is queued for the task. True when the task must be woken.
-    fn write_one(&self, state: &mut State, text: &Utf8Bytes) -> bool {
+    fn write_one(&self, state: &mut State, text: &Utf8Bytes, sent: &mut Sent) -> bool {
         let Some(sink) = state.sink.as_mut() else {
             state
                 .queue
@@ -294,7 +312,8 @@ impl Mailbox {
         };
         match written {
             Poll::Ready(Ok(n)) if n == total => {
-                self.shared.stats.sent(1, body.len() as u64);
+                sent.frames += 1;
+                sent.bytes += body.len() as u64;
                 if !self.shared.write_delay.is_zero() {
                     state.last_write = Some(Instant::now());
                 }
@@ -795,11 +814,16 @@ mod tests {
             })
         };
         // Before the start it is queued; after it, written straight away.
-        assert!(mailbox.deliver(&frame(1, "a")));
+        let mut sent = Sent::default();
+        assert!(mailbox.deliver(&frame(1, "a"), &mut sent));
         mailbox.start();
-        assert!(mailbox.deliver(&frame(2, "b")));
+        assert!(mailbox.deliver(&frame(2, "b"), &mut sent));
         assert!(mailbox.queue(Outbound::Room(frame(3, "c"))));
-        assert!(mailbox.deliver(&frame(4, "d")), "corked: queued behind c");
+        assert!(
+            mailbox.deliver(&frame(4, "d"), &mut sent),
+            "corked: queued behind c"
+        );
+        assert_eq!(sent.frames, 1, "only b went out directly");
         mailbox.flush();
         let mut got = vec![0u8; 12];
         client.read_exact(&mut got).await.unwrap();

@@ -12,7 +12,7 @@ mod cursors;
 mod mailbox;
 
 pub use close::{CloseReason, CloseSignal};
-pub use mailbox::{Mailbox, MailboxSettings, SocketIo, Work};
+pub use mailbox::{Mailbox, MailboxSettings, Sent, SocketIo, Work};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -316,9 +316,11 @@ impl Hub {
             self.stats.record_delivery_latency(id.ms);
         }
         if members.len() <= 2 * FLUSH_CHUNK {
+            let mut sent = Sent::default();
             for mailbox in members.values() {
-                mailbox.deliver(&frame);
+                mailbox.deliver(&frame, &mut sent);
             }
+            sent.count(&self.stats);
             return Vec::new();
         }
         let mut mailboxes: Vec<Mailbox> = members.values().cloned().collect();
@@ -327,16 +329,21 @@ impl Hub {
         while mailboxes.len() > 2 * FLUSH_CHUNK {
             let chunk = mailboxes.split_off(mailboxes.len() - FLUSH_CHUNK);
             let frame = frame.clone();
+            let stats = self.stats.clone();
             // Unconstrained, like the fan-out itself (see `Node::start`).
             parts.push(tokio::spawn(tokio::task::unconstrained(async move {
+                let mut sent = Sent::default();
                 for mailbox in &chunk {
-                    mailbox.deliver(&frame);
+                    mailbox.deliver(&frame, &mut sent);
                 }
+                sent.count(&stats);
             })));
         }
+        let mut sent = Sent::default();
         for mailbox in &mailboxes {
-            mailbox.deliver(&frame);
+            mailbox.deliver(&frame, &mut sent);
         }
+        sent.count(&self.stats);
         parts
     }
 

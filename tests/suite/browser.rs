@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::browser::{ChromeDriver, Page};
+use crate::support::browser::{artifacts_dir, ChromeDriver, Page};
 use crate::support::{Cluster, NodeProcess, RedisServer, WAIT};
 
 fn artifact(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-artifacts")
-        .join(name)
+    artifacts_dir().join(name)
 }
 
 /// Opens the demo on `node`, signs in as `name` and joins `room`, all

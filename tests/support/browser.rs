@@ -39,6 +39,13 @@ pub struct ChromeDriver {
     profiles: PathBuf,
 }
 
+/// `target/test-artifacts/`, created: screenshots and chromedriver logs.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
 impl ChromeDriver {
     /// Starts chromedriver and waits until it is ready. Panics with a hint
     /// when Chromium is not installed (`scripts/test` installs it).
@@ -49,34 +56,53 @@ impl ChromeDriver {
                 "{binary} is missing: run scripts/test, which installs chromium and chromium-driver"
             );
         }
-        let port = free_port();
-        let child = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let profiles =
-            std::env::temp_dir().join(format!("roomcast-chromium-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&profiles).expect("profile dir");
-        let driver = ChromeDriver {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            profiles,
-        };
-        // Generous: on a loaded machine chromedriver takes seconds to start.
-        let deadline = tokio::time::Instant::now() + WAIT * 3;
-        loop {
-            let listening = tokio::net::TcpStream::connect(driver.addr).await.is_ok();
-            if !listening {
+        // A port found free can be taken by another test before chromedriver
+        // binds it; chromedriver then exits, and is started again elsewhere.
+        let mut attempts = 0;
+        let driver = 'started: loop {
+            attempts += 1;
+            let port = free_port();
+            let log = artifacts_dir().join(format!("chromedriver-{port}.log"));
+            let child = Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .arg(format!("--log-path={}", log.display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("chromedriver starts");
+            let profiles = std::env::temp_dir()
+                .join(format!("roomcast-chromium-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&profiles).expect("profile dir");
+            let mut driver = ChromeDriver {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                profiles,
+            };
+            // Generous: on a loaded machine chromedriver takes seconds to start.
+            let deadline = tokio::time::Instant::now() + WAIT * 3;
+            loop {
+                if tokio::net::TcpStream::connect(driver.addr).await.is_ok() {
+                    break 'started driver;
+                }
+                if let Ok(Some(status)) = driver.child.try_wait() {
+                    assert!(
+                        attempts < 3,
+                        "chromedriver exited ({status}) three times; see {}",
+                        log.display()
+                    );
+                    continue 'started;
+                }
                 assert!(
                     tokio::time::Instant::now() < deadline,
-                    "chromedriver never listened"
+                    "chromedriver never listened; see {}",
+                    log.display()
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
+        };
+        let deadline = tokio::time::Instant::now() + WAIT * 3;
+        loop {
             if let Ok(Ok((200, body))) = tokio::time::timeout(
                 Duration::from_secs(1),
                 try_request(driver.addr, "GET", "/status", None),
