@@ -272,10 +272,40 @@ pub fn command_calls(port: u16, command: &str) -> u64 {
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    free_ports(1)[0]
+}
+
+/// Ports handed out, from below the kernel's ephemeral range (32768-60999
+/// here). A port from `bind(":0")` is an ephemeral one, and with a hundred
+/// tests connecting at once another test's outgoing connection can take it
+/// as its source port before the server meant for it binds it (chromedriver
+/// then exits with "Address already in use"). Ports below the range are
+/// never picked as source ports; a counter keeps this process's picks apart.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
+/// `count` distinct ports nobody listens on right now.
+pub fn free_ports(count: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + fastrand::u16(..span),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut ports = Vec::with_capacity(count);
+    for _ in 0..span {
+        if ports.len() == count {
+            break;
+        }
+        let port = PORT_RANGE.start + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), count, "free ports in {PORT_RANGE:?}");
+    ports
 }
 
 /// Where a conformance test runs: the same tests, the same expectations.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{command_calls, redis_cli, spawn_redis_server, try_redis_cli};
+use super::{command_calls, free_ports, redis_cli, spawn_redis_server, try_redis_cli};
 
 /// Long enough for a failover (node timeout, then an election) on a busy
 /// two-core machine.
@@ -326,17 +326,6 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-/// `count` distinct ports nobody listens on right now.
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("a bound address").port())
-        .collect()
 }
 
 /// Masters that serve slots and are not marked failed, from `CLUSTER NODES`.
