@@ -6,11 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tower::ServiceExt as _;
 
 use crate::auth::{Authenticator, KeyError, TokenRules};
 use crate::broker::memory::MemoryBroker;
@@ -229,25 +231,7 @@ impl Node {
         });
         let app = crate::http::router(state.clone());
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            // No Nagle: a frame written while an earlier one is unacknowledged
-            // would otherwise wait for the peer's delayed ACK (up to 40 ms).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %err, "TCP_NODELAY not set");
-                }
-            });
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(err) = serve.await {
-                tracing::error!(error = %err, "HTTP server failed");
-            }
-        });
+        let server = tokio::spawn(serve_http(listener, app, stopped));
         let stats_sharer = tokio::spawn(share_stats(state.clone()));
         tracing::info!(node = %state.node_id, %addr, broker = state.broker.kind(), "node started");
         Ok(Node {
@@ -311,6 +295,72 @@ impl Node {
         self.stats_sharer.abort();
         tracing::info!(node = %state.node_id, "stopped");
     }
+}
+
+/// Serves HTTP/1 on `listener` until `stopped`, then lets every connection
+/// finish its request. Like `axum::serve`, but each connection is hyper's
+/// HTTP/1 connection over the bare `TcpStream`: a WebSocket upgrade then
+/// hands the session that very `TcpStream` (axum's server wraps it in a
+/// private type that cannot be unwrapped), which the fan-out writes to.
+async fn serve_http(listener: TcpListener, app: axum::Router, mut stopped: oneshot::Receiver<()>) {
+    let (closing, closing_seen) = tokio::sync::watch::channel(());
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) if is_connection_error(&err) => continue,
+            Err(err) => {
+                // Out of file descriptors, typically: wait for some to close.
+                tracing::error!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // No Nagle: a frame written while an earlier one is unacknowledged
+        // would otherwise wait for the peer's delayed ACK (up to 40 ms).
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set");
+        }
+        let service = app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.map(axum::body::Body::new)
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let mut closing_seen = closing_seen.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                _ = closing_seen.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = outcome {
+                tracing::trace!(error = %err, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing.send(());
+    // Every connection holds a receiver until it is done.
+    closing.closed().await;
+}
+
+fn is_connection_error(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// Pending connections the kernel queues before `accept`. std's 128 overflows

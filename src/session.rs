@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::io::ReadHalf;
+use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -35,7 +35,7 @@ use crate::protocol::{
 };
 
 /// The socket as this session's WebSocket parser sees it.
-type Io = SocketIo<ReadHalf<TokioIo<Upgraded>>>;
+type Io = SocketIo;
 
 /// Read buffer per socket, allocated up front and also the most read per
 /// syscall. tungstenite's default (128 KiB) would dominate the memory of an
@@ -118,15 +118,28 @@ pub async fn serve(
     let liveness = Liveness::new();
     tracing::info!(conn = %conn_name(conn), %user, %client, "connected");
 
-    // The writing half goes to the mailbox, which fan-out writes through.
-    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    // The node serves HTTP over bare TCP streams (`node::serve_http`); the
+    // mailbox takes this one, and fan-out writes to it.
+    let hyper::upgrade::Parts { io, read_buf, .. } = match upgraded.downcast::<TokioIo<TcpStream>>()
+    {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!(%client, "the upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    // Bytes the client sent right behind its upgrade request, if any. Copied
+    // out: `read_buf` is a view of hyper's whole read buffer (8 KiB), which
+    // it would keep alive for the connection's life.
+    let early = (!read_buf.is_empty()).then(|| read_buf.to_vec());
+    drop(read_buf);
     let mailbox = Mailbox::new(
         MailboxSettings {
             capacity: node.config.client_queue,
             write_delay: node.config.write_delay,
             stats: node.stats.clone(),
         },
-        Some(Box::new(write)),
+        Some(io.into_inner()),
     );
     // `welcome` is queued first and written only once the hub (and, with
     // Redis, the user's channel) has the connection: a client that has its
@@ -150,13 +163,14 @@ pub async fn serve(
                 mailbox.close().close(CloseReason::DRAINING);
             }
             let config = Some(websocket_config(&node.config));
+            let io = mailbox.socket_io();
             let mut reader = Reader {
-                socket: WebSocketStream::from_raw_socket(
-                    mailbox.socket_io(read),
-                    Role::Server,
-                    config,
-                )
-                .await,
+                socket: match early {
+                    None => WebSocketStream::from_raw_socket(io, Role::Server, config).await,
+                    Some(early) => {
+                        WebSocketStream::from_partially_read(io, early, Role::Server, config).await
+                    }
+                },
                 bucket: TokenBucket::new(node.config.rate_limit, node.config.rate_burst as f64),
                 node: node.clone(),
                 conn,
@@ -218,7 +232,9 @@ async fn write_until_closed(mailbox: &Mailbox, liveness: &Liveness, heartbeat: D
                 Work::Blocked => tokio::select! {
                     biased;
                     reason = poll_fn(|cx| close.poll_closed(cx)) => break reason,
-                    _ = poll_fn(|cx| mailbox.poll_unblock(cx)) => {}
+                    _ = mailbox.writable() => {
+                        mailbox.unblock();
+                    }
                 },
                 Work::FlushAt(at) => tokio::select! {
                     biased;
@@ -230,7 +246,9 @@ async fn write_until_closed(mailbox: &Mailbox, liveness: &Liveness, heartbeat: D
     };
     mailbox.finish(reason);
     let _ = timeout(CLOSE_GRACE, async {
-        poll_fn(|cx| mailbox.poll_unblock(cx)).await;
+        while !mailbox.unblock() {
+            mailbox.writable().await;
+        }
     })
     .await;
 }

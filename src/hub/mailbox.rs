@@ -5,8 +5,8 @@
 //! socket takes bytes: a delivery costs one `writev` and no task wake-up.
 //! Only when the socket is full (or a `WRITE_DELAY` is gathering frames) does
 //! the connection's task take over, waiting for the socket to drain and then
-//! writing everything queued meanwhile in one call. The socket's writing half
-//! lives under the mailbox's lock, which is what orders all writers. A fan-out of many
+//! writing everything queued meanwhile in one call. The mailbox holds the
+//! connection's `TcpStream`; its lock is what orders all writers. A fan-out of many
 //! deliveries at once *corks* its mailboxes ([`Mailbox::queue`]) and writes
 //! each one once at the end ([`Mailbox::flush`]), so a busy room gets several
 //! frames per syscall without any added delay.
@@ -24,6 +24,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::close::{CloseReason, CloseSignal};
@@ -34,8 +35,6 @@ use crate::stats::Stats;
 
 /// Queue entries written per `writev` at most (two slices each).
 const MAX_BATCH: usize = 64;
-/// A queue that grew past this while busy is freed once it is drained.
-const KEEP_CAPACITY: usize = 64;
 /// Up to this many bytes, queued frames are copied into one buffer and
 /// written with one plain write.
 const COPY_LIMIT: usize = 4096;
@@ -67,20 +66,17 @@ pub struct MailboxSettings {
     pub stats: Arc<Stats>,
 }
 
-/// The socket's writing half.
-pub type Sink = Box<dyn AsyncWrite + Send + Unpin>;
-
 struct Shared {
     state: Mutex<State>,
     close: CloseSignal,
+    /// None only in unit tests: frames then stay queued.
+    socket: Option<TcpStream>,
     capacity: usize,
     write_delay: Duration,
     stats: Arc<Stats>,
 }
 
 struct State {
-    /// None only in unit tests: frames then stay queued.
-    sink: Option<Sink>,
     cursors: Cursors,
     queue: VecDeque<Entry>,
     /// Bytes of the first entry already written.
@@ -205,8 +201,8 @@ impl Shared {
 }
 
 impl Mailbox {
-    /// A mailbox writing to `sink` (none: frames stay queued, for tests).
-    pub fn new(settings: MailboxSettings, sink: Option<Sink>) -> Self {
+    /// A mailbox writing to `socket` (none: frames stay queued, for tests).
+    pub fn new(settings: MailboxSettings, socket: Option<TcpStream>) -> Self {
         let MailboxSettings {
             capacity,
             write_delay,
@@ -215,7 +211,6 @@ impl Mailbox {
         Mailbox {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    sink,
                     cursors: Cursors::new(capacity),
                     queue: VecDeque::new(),
                     front_written: 0,
@@ -228,6 +223,7 @@ impl Mailbox {
                     task: None,
                 }),
                 close: CloseSignal::default(),
+                socket,
                 capacity,
                 write_delay,
                 stats,
@@ -291,7 +287,7 @@ impl Mailbox {
     /// Writes one text frame from a borrowed payload; what the socket does
     /// not take is queued for the task. True when the task must be woken.
     fn write_one(&self, state: &mut State, text: &Utf8Bytes, sent: &mut Sent) -> bool {
-        let Some(sink) = state.sink.as_mut() else {
+        let Some(socket) = &self.shared.socket else {
             state
                 .queue
                 .push_back(Entry::frame(OP_TEXT, text.clone().into()));
@@ -301,17 +297,16 @@ impl Mailbox {
         let (head, head_len) = frame_head(OP_TEXT, body.len());
         let head = &head[..head_len as usize];
         let total = head.len() + body.len();
-        let mut cx = Context::from_waker(Waker::noop());
         let written = if total <= COPY_LIMIT {
             let mut buffer = [0u8; COPY_LIMIT];
             buffer[..head.len()].copy_from_slice(head);
             buffer[head.len()..total].copy_from_slice(body);
-            Pin::new(sink).poll_write(&mut cx, &buffer[..total])
+            socket.try_write(&buffer[..total])
         } else {
-            Pin::new(sink).poll_write_vectored(&mut cx, &[IoSlice::new(head), IoSlice::new(body)])
+            socket.try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
         };
         match written {
-            Poll::Ready(Ok(n)) if n == total => {
+            Ok(n) if n == total => {
                 sent.frames += 1;
                 sent.bytes += body.len() as u64;
                 if !self.shared.write_delay.is_zero() {
@@ -319,29 +314,29 @@ impl Mailbox {
                 }
                 false
             }
-            Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {
                 state
                     .queue
                     .push_back(Entry::frame(OP_TEXT, text.clone().into()));
-                matches!(self.write_queued(state, Waker::noop()), Written::WouldBlock)
+                matches!(self.write_queued(state), Written::WouldBlock)
             }
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                state
+                    .queue
+                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+                state.blocked = true;
+                true
+            }
+            Ok(0) | Err(_) => {
                 self.gone(state);
                 false
             }
-            // Partly written, or not at all: the rest waits for the task.
-            Poll::Ready(Ok(n)) => {
+            // Partly written: the rest waits for the task.
+            Ok(n) => {
                 state
                     .queue
                     .push_back(Entry::frame(OP_TEXT, text.clone().into()));
                 state.front_written = n;
-                state.blocked = true;
-                true
-            }
-            Poll::Pending => {
-                state
-                    .queue
-                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
                 state.blocked = true;
                 true
             }
@@ -417,7 +412,7 @@ impl Mailbox {
     /// True once everything queued is written (or can never be).
     pub fn is_drained(&self) -> bool {
         let state = self.shared.lock();
-        state.queue.is_empty() || state.sink.is_none()
+        state.queue.is_empty() || self.shared.socket.is_none()
     }
 
     /// For the connection's task: ready when the mailbox needs it.
@@ -436,22 +431,26 @@ impl Mailbox {
         Poll::Pending
     }
 
-    /// For the connection's task, while blocked: writes what waited, ready
-    /// once the socket took all of it (or is gone).
-    pub fn poll_unblock(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Resolves once the socket can take bytes (at once without a socket).
+    pub async fn writable(&self) {
+        if let Some(socket) = &self.shared.socket {
+            let _ = socket.writable().await;
+        }
+    }
+
+    /// For the connection's task, once the socket drained: writes what
+    /// waited; true when all of it went out (or the socket is gone).
+    pub fn unblock(&self) -> bool {
         let mut state = self.shared.lock();
         state.blocked = false;
-        match self.write_queued(&mut state, cx.waker()) {
-            Written::Done => Poll::Ready(()),
-            Written::WouldBlock => Poll::Pending,
-        }
+        matches!(self.write_queued(&mut state), Written::Done)
     }
 
     /// The write delay is over: write what was gathered.
     pub fn due(&self) {
         let mut state = self.shared.lock();
         state.flush_at = None;
-        let wake = match self.write_queued(&mut state, Waker::noop()) {
+        let wake = match self.write_queued(&mut state) {
             Written::Done => false,
             Written::WouldBlock => true,
         };
@@ -462,9 +461,8 @@ impl Mailbox {
     /// The reading half of the socket, for the WebSocket parser. Writes
     /// through it (the parser's replies to pings and to a close) join this
     /// queue, in order with everything else.
-    pub fn socket_io<R>(&self, read: R) -> SocketIo<R> {
+    pub fn socket_io(&self) -> SocketIo {
         SocketIo {
-            read,
             mailbox: self.clone(),
         }
     }
@@ -518,14 +516,14 @@ impl Mailbox {
                 }
             }
         }
-        matches!(self.write_queued(state, Waker::noop()), Written::WouldBlock)
+        matches!(self.write_queued(state), Written::WouldBlock)
     }
 
     /// Writes queued entries until the queue is empty or the socket full.
-    /// `waker` is woken when a full socket drains: the task's own, or none
-    /// for other writers (they wake the task instead).
-    fn write_queued(&self, state: &mut State, waker: &Waker) -> Written {
-        let mut cx = Context::from_waker(waker);
+    fn write_queued(&self, state: &mut State) -> Written {
+        let Some(socket) = &self.shared.socket else {
+            return Written::Done;
+        };
         let mut frames = 0u64;
         let mut bytes = 0u64;
         let outcome = loop {
@@ -544,9 +542,6 @@ impl Mailbox {
                 }
                 skip = 0;
             }
-            let Some(sink) = state.sink.as_mut() else {
-                break Written::Done;
-            };
             let slices = &slices[..used];
             let total: usize = slices.iter().map(|slice| slice.len()).sum();
             let written = if slices.len() > 1 && total <= COPY_LIMIT {
@@ -558,16 +553,16 @@ impl Mailbox {
                     buffer[at..at + slice.len()].copy_from_slice(slice);
                     at += slice.len();
                 }
-                Pin::new(sink).poll_write(&mut cx, &buffer[..total])
+                socket.try_write(&buffer[..total])
             } else {
-                Pin::new(sink).poll_write_vectored(&mut cx, slices)
+                socket.try_write_vectored(slices)
             };
             match written {
-                Poll::Ready(Ok(0)) => {
+                Ok(0) => {
                     self.gone(state);
                     break Written::Done;
                 }
-                Poll::Ready(Ok(mut n)) => {
+                Ok(mut n) => {
                     while n > 0 {
                         let Some(front) = state.queue.front() else {
                             break;
@@ -586,12 +581,12 @@ impl Mailbox {
                         state.queue.pop_front();
                     }
                 }
-                Poll::Pending => {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     state.blocked = true;
                     break Written::WouldBlock;
                 }
-                Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
-                Poll::Ready(Err(_)) => {
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
                     self.gone(state);
                     break Written::Done;
                 }
@@ -603,7 +598,9 @@ impl Mailbox {
         if !self.shared.write_delay.is_zero() {
             state.last_write = Some(Instant::now());
         }
-        if state.queue.is_empty() && state.queue.capacity() > KEEP_CAPACITY {
+        // Drained, the queue gives its buffer back: most connections are idle
+        // most of the time, and live frames are written without queueing.
+        if state.queue.is_empty() && state.queue.capacity() > 0 {
             state.queue = VecDeque::new();
         }
         outcome
@@ -642,24 +639,36 @@ impl Mailbox {
     }
 }
 
-/// The socket as the WebSocket parser sees it: reads come from the socket's
-/// reading half, writes join the mailbox's queue.
-pub struct SocketIo<R> {
-    read: R,
+/// The socket as the WebSocket parser sees it: reads come from the socket,
+/// writes join the mailbox's queue.
+pub struct SocketIo {
     mailbox: Mailbox,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for SocketIo<R> {
+impl AsyncRead for SocketIo {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.read).poll_read(cx, buf)
+        let Some(socket) = &self.mailbox.shared.socket else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            std::task::ready!(socket.poll_read_ready(cx))?;
+            match socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
     }
 }
 
-impl<R: Unpin> AsyncWrite for SocketIo<R> {
+impl AsyncWrite for SocketIo {
     fn poll_write(
         self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
@@ -788,7 +797,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let mailbox = Mailbox::new(settings(8), Some(Box::new(server)));
+        let mailbox = Mailbox::new(settings(8), Some(server));
         mailbox.offer(frame("welcome"));
         mailbox.start();
         mailbox.offer(frame("hi"));
@@ -805,7 +814,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let mailbox = Mailbox::new(settings(8), Some(Box::new(server)));
+        let mailbox = Mailbox::new(settings(8), Some(server));
         let frame = |seq: u64, text: &str| {
             Arc::new(RoomFrame {
                 room: "r".into(),
