@@ -165,26 +165,15 @@ impl Node {
                 }
             };
         let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
-        // Unconstrained: fan-out writes to many sockets in one go, and tokio's
-        // per-task I/O budget would otherwise refuse the writes past the
-        // 128th and hand each of them to its connection's task.
         let listener_task = tokio::spawn({
             let hub = hub.clone();
-            tokio::task::unconstrained(async move {
+            async move {
                 // Whatever arrived meanwhile is fanned out as one batch.
                 let mut batch = Vec::with_capacity(DISPATCH_BATCH);
-                loop {
-                    let received = incoming.recv_many(&mut batch, DISPATCH_BATCH).await;
-                    if received == 0 {
-                        break;
-                    }
+                while incoming.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
                     hub.dispatch_all(&mut batch).await;
-                    if received == DISPATCH_BATCH {
-                        // Under sustained load, let this worker's other tasks run.
-                        tokio::task::yield_now().await;
-                    }
                 }
-            })
+            }
         });
 
         let rules = TokenRules {

@@ -330,14 +330,13 @@ impl Hub {
             let chunk = mailboxes.split_off(mailboxes.len() - FLUSH_CHUNK);
             let frame = frame.clone();
             let stats = self.stats.clone();
-            // Unconstrained, like the fan-out itself (see `Node::start`).
-            parts.push(tokio::spawn(tokio::task::unconstrained(async move {
+            parts.push(tokio::spawn(async move {
                 let mut sent = Sent::default();
                 for mailbox in &chunk {
                     mailbox.deliver(&frame, &mut sent);
                 }
                 sent.count(&stats);
-            })));
+            }));
         }
         let mut sent = Sent::default();
         for mailbox in &mailboxes {
@@ -370,10 +369,7 @@ impl Hub {
 fn flush_spread(mut corked: Vec<Mailbox>) {
     while corked.len() > FLUSH_CHUNK * 2 {
         let chunk = corked.split_off(corked.len() - FLUSH_CHUNK);
-        // Unconstrained, like the fan-out itself (see `Node::start`).
-        tokio::spawn(tokio::task::unconstrained(async move {
-            chunk.iter().for_each(Mailbox::flush)
-        }));
+        tokio::spawn(async move { chunk.iter().for_each(Mailbox::flush) });
     }
     corked.iter().for_each(Mailbox::flush);
 }
