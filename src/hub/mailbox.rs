@@ -238,12 +238,7 @@ impl Mailbox {
     /// Queues `item` and writes what the socket takes now. Returns false when
     /// the item was refused (closing, or a slow consumer).
     pub fn offer(&self, item: Outbound) -> bool {
-        let mut state = self.shared.lock();
-        let queued = self.enqueue(&mut state, item);
-        let wake = self.write_now(&mut state);
-        drop(state);
-        self.after(wake);
-        queued
+        self.then_write(|state| self.enqueue(state, item))
     }
 
     /// A live room frame: written straight from the shared frame when nothing
@@ -359,54 +354,42 @@ impl Mailbox {
 
     /// Uncorks and writes what the socket takes.
     pub fn flush(&self) {
-        let mut state = self.shared.lock();
-        state.corked = false;
-        let wake = self.write_now(&mut state);
-        drop(state);
-        self.after(wake);
+        self.then_write(|state| state.corked = false);
     }
 
     /// From now on frames are written; writes the ones queued so far.
     pub fn start(&self) {
-        let mut state = self.shared.lock();
-        state.started = true;
-        let wake = self.write_now(&mut state);
-        drop(state);
-        self.after(wake);
+        self.then_write(|state| state.started = true);
     }
 
     /// Queues a heartbeat ping.
     pub fn ping(&self) {
-        let mut state = self.shared.lock();
-        if !state.finished {
-            state.queue.push_back(Entry::frame(OP_PING, Bytes::new()));
-        }
-        let wake = self.write_now(&mut state);
-        drop(state);
-        self.after(wake);
+        self.then_write(|state| {
+            if !state.finished {
+                state.queue.push_back(Entry::frame(OP_PING, Bytes::new()));
+            }
+        });
     }
 
     /// Ends the outbound stream: with a close frame when `reason` calls for
     /// one (after the frame being written, if any; the rest is dropped),
     /// else after what is queued (such as the reply to the peer's close).
     pub fn finish(&self, reason: CloseReason) {
-        let mut state = self.shared.lock();
-        if state.finished {
-            return;
-        }
-        if reason.send_frame {
-            let keep = usize::from(state.front_written > 0);
-            state.queue.truncate(keep);
-            let mut body = Vec::with_capacity(2 + reason.text.len());
-            body.extend_from_slice(&reason.code.to_be_bytes());
-            body.extend_from_slice(reason.text.as_bytes());
-            state.queue.push_back(Entry::frame(OP_CLOSE, body.into()));
-        }
-        state.finished = true;
-        state.flush_at = None;
-        let wake = self.write_now(&mut state);
-        drop(state);
-        self.after(wake);
+        self.then_write(|state| {
+            if state.finished {
+                return;
+            }
+            if reason.send_frame {
+                let keep = usize::from(state.front_written > 0);
+                state.queue.truncate(keep);
+                let mut body = Vec::with_capacity(2 + reason.text.len());
+                body.extend_from_slice(&reason.code.to_be_bytes());
+                body.extend_from_slice(reason.text.as_bytes());
+                state.queue.push_back(Entry::frame(OP_CLOSE, body.into()));
+            }
+            state.finished = true;
+            state.flush_at = None;
+        });
     }
 
     /// True once everything queued is written (or can never be).
@@ -465,6 +448,17 @@ impl Mailbox {
         SocketIo {
             mailbox: self.clone(),
         }
+    }
+
+    /// Applies `change` under the lock, then writes what may be written now,
+    /// waking the task if it has to take over.
+    fn then_write<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
+        let mut state = self.shared.lock();
+        let result = change(&mut state);
+        let wake = self.write_now(&mut state);
+        drop(state);
+        self.after(wake);
+        result
     }
 
     /// Applies the room cursors and queues the frames that result.
@@ -686,10 +680,7 @@ impl AsyncWrite for SocketIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut state = self.mailbox.shared.lock();
-        let wake = self.mailbox.write_now(&mut state);
-        drop(state);
-        self.mailbox.after(wake);
+        self.mailbox.then_write(|_| ());
         Poll::Ready(Ok(()))
     }
 
