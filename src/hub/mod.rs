@@ -497,6 +497,25 @@ mod tests {
         assert_eq!(stats.snapshot_counters().slow_consumer_closes, 1);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_room_fanned_out_over_several_tasks_gets_every_frame_in_order() {
+        let (hub, _, _) = hub();
+        let members: Vec<Mailbox> = (0..4 * FLUSH_CHUNK + 10).map(|_| mailbox(1000)).collect();
+        let room: Arc<str> = "big".into();
+        for (id, member) in members.iter().enumerate() {
+            let id = id as ConnId;
+            hub.connect(id, "fan".into(), member.clone()).await.unwrap();
+            hub.join(id, &room).await.unwrap();
+        }
+        for seq in 0..100 {
+            hub.dispatch(room_frame("big", seq)).await;
+        }
+        let expected: Vec<String> = (0..100).map(|seq| format!("m{seq}")).collect();
+        for member in &members {
+            assert_eq!(member.take_texts(), expected);
+        }
+    }
+
     #[tokio::test]
     async fn leaving_and_disconnecting_unsubscribe_the_last_member() {
         let (hub, broker, _) = hub();
