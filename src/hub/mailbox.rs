@@ -248,32 +248,25 @@ impl Mailbox {
     /// fan-out rather than once per connection.
     pub fn deliver(&self, frame: &Arc<RoomFrame>, sent: &mut Sent) -> bool {
         let mut state = self.shared.lock();
-        if state.finished || self.shared.close.reason().is_some() {
-            return false;
-        }
-        if !state.cursors.admit(frame) {
-            if state.cursors.overflowed {
-                self.slow_consumer(&mut state);
-                return false;
-            }
-            return true;
-        }
         let direct = state.started
             && !state.blocked
             && !state.corked
             && state.queue.is_empty()
             && self.shared.write_delay.is_zero();
-        let wake = if direct {
-            self.write_one(&mut state, &frame.text, sent)
-        } else {
-            if state.queue.len() >= self.shared.capacity {
-                self.slow_consumer(&mut state);
-                return false;
-            }
-            let text = frame.text.clone();
-            state.queue.push_back(Entry::frame(OP_TEXT, text.into()));
-            self.write_now(&mut state)
+        let (Some(socket), true) = (&self.shared.socket, direct) else {
+            let queued = self.enqueue(&mut state, Outbound::Room(frame.clone()));
+            let wake = self.write_now(&mut state);
+            drop(state);
+            self.after(wake);
+            return queued;
         };
+        if !self.accepting(&state) {
+            return false;
+        }
+        if !state.cursors.admit(frame) {
+            return !self.overflowed(&mut state);
+        }
+        let wake = self.write_one(&mut state, socket, &frame.text, sent);
         drop(state);
         self.after(wake);
         true
@@ -281,13 +274,13 @@ impl Mailbox {
 
     /// Writes one text frame from a borrowed payload; what the socket does
     /// not take is queued for the task. True when the task must be woken.
-    fn write_one(&self, state: &mut State, text: &Utf8Bytes, sent: &mut Sent) -> bool {
-        let Some(socket) = &self.shared.socket else {
-            state
-                .queue
-                .push_back(Entry::frame(OP_TEXT, text.clone().into()));
-            return false;
-        };
+    fn write_one(
+        &self,
+        state: &mut State,
+        socket: &TcpStream,
+        text: &Utf8Bytes,
+        sent: &mut Sent,
+    ) -> bool {
         let body = text.as_bytes();
         let (head, head_len) = frame_head(OP_TEXT, body.len());
         let head = &head[..head_len as usize];
@@ -300,42 +293,37 @@ impl Mailbox {
         } else {
             socket.try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
         };
-        match written {
+        let front_written = match written {
             Ok(n) if n == total => {
                 sent.frames += 1;
                 sent.bytes += body.len() as u64;
                 if !self.shared.write_delay.is_zero() {
                     state.last_write = Some(Instant::now());
                 }
-                false
+                return false;
             }
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {
-                state
-                    .queue
-                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
-                matches!(self.write_queued(state), Written::WouldBlock)
+            // Partly written, full, or interrupted: the rest waits for the
+            // task, which writes it once the socket is writable.
+            Ok(n) if n > 0 => n,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                0
             }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                state
-                    .queue
-                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
-                state.blocked = true;
-                true
-            }
-            Ok(0) | Err(_) => {
+            Ok(_) | Err(_) => {
                 self.gone(state);
-                false
+                return false;
             }
-            // Partly written: the rest waits for the task.
-            Ok(n) => {
-                state
-                    .queue
-                    .push_back(Entry::frame(OP_TEXT, text.clone().into()));
-                state.front_written = n;
-                state.blocked = true;
-                true
-            }
-        }
+        };
+        state
+            .queue
+            .push_back(Entry::frame(OP_TEXT, text.clone().into()));
+        state.front_written = front_written;
+        state.blocked = true;
+        true
     }
 
     /// Queues `item` without writing: the caller flushes later. Returns true
@@ -463,8 +451,7 @@ impl Mailbox {
 
     /// Applies the room cursors and queues the frames that result.
     fn enqueue(&self, state: &mut State, item: Outbound) -> bool {
-        // Once the connection is closing only its close frame follows.
-        if state.finished || self.shared.close.reason().is_some() {
+        if !self.accepting(state) {
             return false;
         }
         if state.queue.len() >= self.shared.capacity {
@@ -475,11 +462,24 @@ impl Mailbox {
         cursors.apply(item, &mut |text| {
             queue.push_back(Entry::frame(OP_TEXT, text.into()));
         });
-        if state.cursors.overflowed || state.queue.len() > self.shared.capacity {
+        if state.queue.len() > self.shared.capacity {
             self.slow_consumer(state);
             return false;
         }
-        true
+        !self.overflowed(state)
+    }
+
+    /// Once the connection is closing only its close frame follows.
+    fn accepting(&self, state: &State) -> bool {
+        !state.finished && self.shared.close.reason().is_none()
+    }
+
+    /// Closes a connection whose cursors held more than the queue allows.
+    fn overflowed(&self, state: &mut State) -> bool {
+        if state.cursors.overflowed {
+            self.slow_consumer(state);
+        }
+        state.cursors.overflowed
     }
 
     /// Drops what waits (but a frame half written, which must be completed)

@@ -243,17 +243,24 @@ impl Hub {
     /// a burst costs one write per connection, not one per frame.
     pub async fn dispatch_all(&self, deliveries: &mut Vec<Delivery>) {
         let started = Instant::now();
-        if let [Delivery::Room(_)] = deliveries.as_slice() {
-            if let Some(Delivery::Room(frame)) = deliveries.pop() {
+        match deliveries.as_mut_slice() {
+            [Delivery::Room(frame)] => {
+                let frame = frame.clone();
+                deliveries.clear();
                 // The next delivery waits for every part of this one: a
                 // connection must get its frames in order.
                 for part in self.deliver_room(frame) {
                     let _ = part.await;
                 }
             }
-            self.stats.record_fanout(started.elapsed());
-            return;
+            _ => self.queue_corked(deliveries),
         }
+        self.stats.record_fanout(started.elapsed());
+    }
+
+    /// Queues every delivery with the mailboxes corked, then writes each
+    /// touched mailbox once.
+    fn queue_corked(&self, deliveries: &mut Vec<Delivery>) {
         let registry = self.read();
         let stats = &*self.stats;
         let mut corked: Vec<Mailbox> = Vec::new();
@@ -299,8 +306,8 @@ impl Hub {
             }
         }
         drop(registry);
-        flush_spread(corked);
-        stats.record_fanout(started.elapsed());
+        // Not waited for: the queues already hold every frame in order.
+        in_parts(corked, |part| part.iter().for_each(Mailbox::flush));
     }
 
     /// One room frame on its own (the common case below saturation): each
@@ -316,34 +323,14 @@ impl Hub {
             self.stats.record_delivery_latency(id.ms);
         }
         if members.len() <= 2 * FLUSH_CHUNK {
-            let mut sent = Sent::default();
-            for mailbox in members.values() {
-                mailbox.deliver(&frame, &mut sent);
-            }
-            sent.count(&self.stats);
+            // Small enough for this task alone: no list to copy.
+            deliver_each(members.values(), &frame, &self.stats);
             return Vec::new();
         }
-        let mut mailboxes: Vec<Mailbox> = members.values().cloned().collect();
+        let mailboxes: Vec<Mailbox> = members.values().cloned().collect();
         drop(registry);
-        let mut parts = Vec::new();
-        while mailboxes.len() > 2 * FLUSH_CHUNK {
-            let chunk = mailboxes.split_off(mailboxes.len() - FLUSH_CHUNK);
-            let frame = frame.clone();
-            let stats = self.stats.clone();
-            parts.push(tokio::spawn(async move {
-                let mut sent = Sent::default();
-                for mailbox in &chunk {
-                    mailbox.deliver(&frame, &mut sent);
-                }
-                sent.count(&stats);
-            }));
-        }
-        let mut sent = Sent::default();
-        for mailbox in &mailboxes {
-            mailbox.deliver(&frame, &mut sent);
-        }
-        sent.count(&self.stats);
-        parts
+        let stats = self.stats.clone();
+        in_parts(mailboxes, move |part| deliver_each(part, &frame, &stats))
     }
 
     pub fn mailboxes(&self) -> Vec<Mailbox> {
@@ -364,14 +351,34 @@ impl Hub {
     }
 }
 
-/// Writes corked mailboxes. A big batch is split over tasks so that every
-/// core writes to sockets, not only the one that runs the fan-out.
-fn flush_spread(mut corked: Vec<Mailbox>) {
-    while corked.len() > FLUSH_CHUNK * 2 {
-        let chunk = corked.split_off(corked.len() - FLUSH_CHUNK);
-        tokio::spawn(async move { chunk.iter().for_each(Mailbox::flush) });
+/// Delivers `frame` to each mailbox, counting what went out once.
+fn deliver_each<'a>(
+    mailboxes: impl IntoIterator<Item = &'a Mailbox>,
+    frame: &Arc<RoomFrame>,
+    stats: &Stats,
+) {
+    let mut sent = Sent::default();
+    for mailbox in mailboxes {
+        mailbox.deliver(frame, &mut sent);
     }
-    corked.iter().for_each(Mailbox::flush);
+    sent.count(stats);
+}
+
+/// Runs `work` over `items`: this task takes the first part, and past
+/// 2 × [`FLUSH_CHUNK`] the rest goes to tasks of [`FLUSH_CHUNK`] each, so
+/// that every core writes to sockets. Returns those tasks.
+fn in_parts<T: Send + Sync + 'static>(
+    mut items: Vec<T>,
+    work: impl Fn(&[T]) + Clone + Send + 'static,
+) -> Vec<JoinHandle<()>> {
+    let mut parts = Vec::new();
+    while items.len() > 2 * FLUSH_CHUNK {
+        let chunk = items.split_off(items.len() - FLUSH_CHUNK);
+        let work = work.clone();
+        parts.push(tokio::spawn(async move { work(&chunk) }));
+    }
+    work(&items);
+    parts
 }
 
 #[cfg(test)]
