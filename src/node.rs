@@ -19,7 +19,7 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisServers, RedisSettings};
 use crate::broker::{Broker, BrokerError, BrokerState, Delivery};
 use crate::config::{Config, ConfigError};
-use crate::hub::{CloseReason, Hub};
+use crate::hub::{CloseReason, Dispatcher, Hub};
 use crate::limits::{ConnectionCounts, IpNet, TokenBucket};
 use crate::stats::Stats;
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -28,8 +28,6 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 /// how long a snapshot counts when no newer one comes.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 const STATS_TTL: Duration = Duration::from_secs(5);
-/// Deliveries fanned out together at most (when that many are waiting).
-const DISPATCH_BATCH: usize = 256;
 
 /// What the HTTP handlers and sessions of a node share.
 pub struct NodeState {
@@ -141,40 +139,32 @@ impl Node {
             (None, false) => Some(RedisServers::Cluster(config.redis_cluster_urls.clone())),
             (None, true) => None,
         };
-        let (broker, mut incoming): (Arc<dyn Broker>, mpsc::UnboundedReceiver<Delivery>) =
-            match servers {
-                Some(servers) => {
-                    let (redis, incoming) = RedisBroker::start(RedisSettings {
-                        servers,
-                        prefix: config.redis_prefix.clone(),
-                        node_id: node_id.to_string(),
-                        history_size: config.history_size,
-                        history_ttl: config.history_ttl,
-                        node_ttl: config.node_ttl,
-                    })
-                    .await?;
-                    (redis, incoming)
-                }
-                None => {
-                    let (memory, incoming) = MemoryBroker::start(
-                        config.history_size,
-                        config.history_ttl,
-                        config.history_max_bytes,
-                    );
-                    (memory, incoming)
-                }
-            };
-        let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
-        let listener_task = tokio::spawn({
-            let hub = hub.clone();
-            async move {
-                // Whatever arrived meanwhile is fanned out as one batch.
-                let mut batch = Vec::with_capacity(DISPATCH_BATCH);
-                while incoming.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
-                    hub.dispatch_all(&mut batch).await;
-                }
+        let (broker, incoming): (Arc<dyn Broker>, mpsc::UnboundedReceiver<Delivery>) = match servers
+        {
+            Some(servers) => {
+                let (redis, incoming) = RedisBroker::start(RedisSettings {
+                    servers,
+                    prefix: config.redis_prefix.clone(),
+                    node_id: node_id.to_string(),
+                    history_size: config.history_size,
+                    history_ttl: config.history_ttl,
+                    node_ttl: config.node_ttl,
+                })
+                .await?;
+                (redis, incoming)
             }
-        });
+            None => {
+                let (memory, incoming) = MemoryBroker::start(
+                    config.history_size,
+                    config.history_ttl,
+                    config.history_max_bytes,
+                );
+                (memory, incoming)
+            }
+        };
+        let hub = Arc::new(Hub::new(broker.clone(), stats.clone()));
+        let listener_task =
+            tokio::spawn(Dispatcher::new(hub.clone(), config.write_delay).run(incoming));
 
         let rules = TokenRules {
             audience: config.jwt_audience.clone(),

@@ -25,7 +25,7 @@ use crate::auth::Identity;
 use crate::broker::Channel;
 use crate::config::Config;
 use crate::hub::{
-    CloseReason, ConnId, JoinCompletion, Mailbox, MailboxSettings, Outbound, SocketIo, Work,
+    CloseReason, ConnId, JoinCompletion, Mailbox, MailboxSettings, Outbound, SocketIo,
 };
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
@@ -136,7 +136,6 @@ pub async fn serve(
     let mailbox = Mailbox::new(
         MailboxSettings {
             capacity: node.config.client_queue,
-            write_delay: node.config.write_delay,
             stats: node.stats.clone(),
         },
         Some(io.into_inner()),
@@ -211,8 +210,8 @@ fn conn_name(conn: ConnId) -> String {
     format!("c-{conn}")
 }
 
-/// The writing half: heartbeats, the socket when it is full or a write delay
-/// gathers frames, and the close frame. Returns once the last frame is out.
+/// The writing half: heartbeats, the socket when it is full, and the close
+/// frame. Returns once the last frame is out.
 async fn write_until_closed(mailbox: &Mailbox, liveness: &Liveness, heartbeat: Duration) {
     let close = mailbox.close();
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
@@ -228,19 +227,12 @@ async fn write_until_closed(mailbox: &Mailbox, liveness: &Liveness, heartbeat: D
                     mailbox.ping();
                 }
             }
-            work = poll_fn(|cx| mailbox.poll_work(cx)) => match work {
-                Work::Blocked => tokio::select! {
-                    biased;
-                    reason = poll_fn(|cx| close.poll_closed(cx)) => break reason,
-                    _ = mailbox.writable() => {
-                        mailbox.unblock();
-                    }
-                },
-                Work::FlushAt(at) => tokio::select! {
-                    biased;
-                    reason = poll_fn(|cx| close.poll_closed(cx)) => break reason,
-                    _ = sleep_until(at) => mailbox.due(),
-                },
+            () = poll_fn(|cx| mailbox.poll_blocked(cx)) => tokio::select! {
+                biased;
+                reason = poll_fn(|cx| close.poll_closed(cx)) => break reason,
+                _ = mailbox.writable() => {
+                    mailbox.unblock();
+                }
             },
         }
     };

@@ -3,8 +3,7 @@
 //!
 //! Whoever queues a frame also writes it, straight to the socket, while the
 //! socket takes bytes: a delivery costs one `writev` and no task wake-up.
-//! Only when the socket is full (or a `WRITE_DELAY` is gathering frames) does
-//! the connection's task take over, waiting for the socket to drain and then
+//! Only when the socket is full does the connection's task take over, waiting for the socket to drain and then
 //! writing everything queued meanwhile in one call. The mailbox holds the
 //! connection's `TcpStream`; its lock is what orders all writers. A fan-out of many
 //! deliveries at once *corks* its mailboxes ([`Mailbox::queue`]) and writes
@@ -19,13 +18,11 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::close::{CloseReason, CloseSignal};
 use super::cursors::Cursors;
@@ -61,8 +58,6 @@ impl std::fmt::Debug for Mailbox {
 pub struct MailboxSettings {
     /// Frames queued at most before the connection is a slow consumer.
     pub capacity: usize,
-    /// After a write, gather frames this long before the next one (0: off).
-    pub write_delay: Duration,
     pub stats: Arc<Stats>,
 }
 
@@ -72,7 +67,6 @@ struct Shared {
     /// None only in unit tests: frames then stay queued.
     socket: Option<TcpStream>,
     capacity: usize,
-    write_delay: Duration,
     stats: Arc<Stats>,
 }
 
@@ -86,9 +80,6 @@ struct State {
     started: bool,
     /// The socket refused bytes; the connection's task waits for it to drain.
     blocked: bool,
-    /// With a write delay: when the gathered frames are due.
-    flush_at: Option<Instant>,
-    last_write: Option<Instant>,
     /// Corked by a fan-out that will flush it.
     corked: bool,
     /// A close frame is queued, or the socket is gone: nothing more goes out.
@@ -177,15 +168,6 @@ impl Sent {
     }
 }
 
-/// What the connection's task must do for its mailbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// Wait until the socket takes bytes again, then [`Mailbox::unblock`].
-    Blocked,
-    /// Write the gathered frames at this time ([`Mailbox::due`]).
-    FlushAt(Instant),
-}
-
 /// The result of a write attempt.
 enum Written {
     /// Everything queued is out (or nothing may be written yet).
@@ -203,11 +185,7 @@ impl Shared {
 impl Mailbox {
     /// A mailbox writing to `socket` (none: frames stay queued, for tests).
     pub fn new(settings: MailboxSettings, socket: Option<TcpStream>) -> Self {
-        let MailboxSettings {
-            capacity,
-            write_delay,
-            stats,
-        } = settings;
+        let MailboxSettings { capacity, stats } = settings;
         Mailbox {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -216,8 +194,6 @@ impl Mailbox {
                     front_written: 0,
                     started: false,
                     blocked: false,
-                    flush_at: None,
-                    last_write: None,
                     corked: false,
                     finished: false,
                     task: None,
@@ -225,7 +201,6 @@ impl Mailbox {
                 close: CloseSignal::default(),
                 socket,
                 capacity,
-                write_delay,
                 stats,
             }),
         }
@@ -248,11 +223,7 @@ impl Mailbox {
     /// fan-out rather than once per connection.
     pub fn deliver(&self, frame: &Arc<RoomFrame>, sent: &mut Sent) -> bool {
         let mut state = self.shared.lock();
-        let direct = state.started
-            && !state.blocked
-            && !state.corked
-            && state.queue.is_empty()
-            && self.shared.write_delay.is_zero();
+        let direct = state.started && !state.blocked && !state.corked && state.queue.is_empty();
         let (Some(socket), true) = (&self.shared.socket, direct) else {
             let queued = self.enqueue(&mut state, Outbound::Room(frame.clone()));
             let wake = self.write_now(&mut state);
@@ -297,9 +268,6 @@ impl Mailbox {
             Ok(n) if n == total => {
                 sent.frames += 1;
                 sent.bytes += body.len() as u64;
-                if !self.shared.write_delay.is_zero() {
-                    state.last_write = Some(Instant::now());
-                }
                 return false;
             }
             // Partly written, full, or interrupted: the rest waits for the
@@ -376,7 +344,6 @@ impl Mailbox {
                 state.queue.push_back(Entry::frame(OP_CLOSE, body.into()));
             }
             state.finished = true;
-            state.flush_at = None;
         });
     }
 
@@ -386,14 +353,13 @@ impl Mailbox {
         state.queue.is_empty() || self.shared.socket.is_none()
     }
 
-    /// For the connection's task: ready when the mailbox needs it.
-    pub fn poll_work(&self, cx: &mut Context<'_>) -> Poll<Work> {
+    /// For the connection's task: ready when the socket refused bytes, so
+    /// the task must wait until it is [`writable`](Self::writable) and then
+    /// [`unblock`](Self::unblock) the mailbox.
+    pub fn poll_blocked(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut state = self.shared.lock();
         if state.blocked {
-            return Poll::Ready(Work::Blocked);
-        }
-        if let Some(at) = state.flush_at {
-            return Poll::Ready(Work::FlushAt(at));
+            return Poll::Ready(());
         }
         match &state.task {
             Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -415,18 +381,6 @@ impl Mailbox {
         let mut state = self.shared.lock();
         state.blocked = false;
         matches!(self.write_queued(&mut state), Written::Done)
-    }
-
-    /// The write delay is over: write what was gathered.
-    pub fn due(&self) {
-        let mut state = self.shared.lock();
-        state.flush_at = None;
-        let wake = match self.write_queued(&mut state) {
-            Written::Done => false,
-            Written::WouldBlock => true,
-        };
-        drop(state);
-        self.after(wake);
     }
 
     /// The reading half of the socket, for the WebSocket parser. Writes
@@ -492,23 +446,11 @@ impl Mailbox {
         }
     }
 
-    /// Writes now unless the task owns the socket, a cork or a delay holds
-    /// the frames back. True when the task must be woken.
+    /// Writes now unless the task owns the socket or a cork holds the
+    /// frames back. True when the task must be woken.
     fn write_now(&self, state: &mut State) -> bool {
         if !state.started || state.blocked || state.corked || state.queue.is_empty() {
             return false;
-        }
-        if !self.shared.write_delay.is_zero() && !state.finished {
-            if state.flush_at.is_some() {
-                return false;
-            }
-            if let Some(last) = state.last_write {
-                let due = last + self.shared.write_delay;
-                if Instant::now() < due {
-                    state.flush_at = Some(due);
-                    return true;
-                }
-            }
         }
         matches!(self.write_queued(state), Written::WouldBlock)
     }
@@ -588,9 +530,6 @@ impl Mailbox {
         };
         if frames > 0 {
             self.shared.stats.sent(frames, bytes);
-        }
-        if !self.shared.write_delay.is_zero() {
-            state.last_write = Some(Instant::now());
         }
         // Drained, the queue gives its buffer back: most connections are idle
         // most of the time, and live frames are written without queueing.
@@ -696,7 +635,6 @@ mod tests {
     fn settings(capacity: usize) -> MailboxSettings {
         MailboxSettings {
             capacity,
-            write_delay: Duration::ZERO,
             stats: Arc::new(Stats::new()),
         }
     }

@@ -9,10 +9,12 @@
 
 mod close;
 mod cursors;
+mod dispatch;
 mod mailbox;
 
 pub use close::{CloseReason, CloseSignal};
-pub use mailbox::{Mailbox, MailboxSettings, Sent, SocketIo, Work};
+pub use dispatch::Dispatcher;
+pub use mailbox::{Mailbox, MailboxSettings, Sent, SocketIo};
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -253,17 +255,21 @@ impl Hub {
                     let _ = part.await;
                 }
             }
-            _ => self.queue_corked(deliveries),
+            _ => {
+                let mut corked = Vec::new();
+                self.queue_corked(deliveries, &mut corked);
+                self.flush(corked);
+            }
         }
         self.stats.record_fanout(started.elapsed());
     }
 
-    /// Queues every delivery with the mailboxes corked, then writes each
-    /// touched mailbox once.
-    fn queue_corked(&self, deliveries: &mut Vec<Delivery>) {
+    /// Queues every delivery (emptying `deliveries`) without writing: the
+    /// mailboxes this corks are added to `corked`, for [`flush`](Self::flush).
+    /// Until then anything else for those connections queues behind.
+    pub fn queue_corked(&self, deliveries: &mut Vec<Delivery>, corked: &mut Vec<Mailbox>) {
         let registry = self.read();
         let stats = &*self.stats;
-        let mut corked: Vec<Mailbox> = Vec::new();
         let mut queue = |mailbox: &Mailbox, item: Outbound| {
             if mailbox.queue(item) {
                 corked.push(mailbox.clone());
@@ -305,7 +311,10 @@ impl Hub {
                 }
             }
         }
-        drop(registry);
+    }
+
+    /// Writes corked mailboxes, each once, with everything they gathered.
+    pub fn flush(&self, corked: Vec<Mailbox>) {
         // Not waited for: the queues already hold every frame in order.
         in_parts(corked, |part| part.iter().for_each(Mailbox::flush));
     }
@@ -399,7 +408,6 @@ mod tests {
         Mailbox::new(
             MailboxSettings {
                 capacity,
-                write_delay: Duration::ZERO,
                 stats: Arc::new(Stats::new()),
             },
             None,
@@ -475,7 +483,6 @@ mod tests {
         let slow = Mailbox::new(
             MailboxSettings {
                 capacity: 1,
-                write_delay: Duration::ZERO,
                 stats: stats.clone(),
             },
             None,

@@ -219,7 +219,36 @@ async fn a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_f
     bob.expect_silence(Duration::from_millis(300)).await;
 }
 
+async fn with_a_write_delay_a_busy_rooms_messages_wait_for_it_and_arrive_in_order(
+    topology: Topology,
+) {
+    let cluster = topology.start(&["--write-delay", "400ms"]).await;
+    let mut alice = cluster.connect("alice").await;
+    let mut bob = cluster.connect("bob").await;
+    bob.join("r").await;
+    alice.publish("r", json!(0)).await;
+    assert_eq!(bob.expect("message").await["data"], 0);
+    let first_arrived = std::time::Instant::now();
+    for n in 1..=3 {
+        alice.publish("r", json!(n)).await;
+    }
+    let rest: Vec<_> = collect_messages(&mut bob, 3)
+        .await
+        .into_iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(rest, [json!(1), json!(2), json!(3)]);
+    // Written 400 ms after the room's previous write, which was just before
+    // the first message arrived (margin for a slow machine).
+    assert!(
+        first_arrived.elapsed() >= Duration::from_millis(300),
+        "held for {:?} only",
+        first_arrived.elapsed()
+    );
+}
+
 conformance!(
+    with_a_write_delay_a_busy_rooms_messages_wait_for_it_and_arrive_in_order,
     room_members_get_published_messages_with_ids_and_the_sender_an_ack,
     ids_increase_and_publishing_without_ref_gets_no_ack,
     publishing_needs_no_membership_and_non_members_get_nothing,
