@@ -512,7 +512,7 @@ impl Reader<'_> {
                     "already in {max_rooms} rooms (MAX_ROOMS_PER_CONNECTION); leave one first"
                 )))
             }
-            None => Arc::from(room),
+            None => self.node.hub.room_name(room),
         };
         let catch_up = match catch_up {
             CatchUp::Last(n) => CatchUp::Last(n.min(self.node.config.history_size)),

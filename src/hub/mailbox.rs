@@ -21,6 +21,7 @@ use std::task::{Context, Poll, Waker};
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
+use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -260,7 +261,11 @@ impl Mailbox {
             let mut buffer = [0u8; COPY_LIMIT];
             buffer[..head.len()].copy_from_slice(head);
             buffer[head.len()..total].copy_from_slice(body);
-            socket.try_write(&buffer[..total])
+            // A plain `send`: tokio's `try_write` first checks its cached
+            // readiness, a cache miss per socket of a fan-out. If the socket
+            // is full, the task takes over, and its writes through tokio
+            // teach tokio the socket is full.
+            SockRef::from(socket).send(&buffer[..total])
         } else {
             socket.try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
         };

@@ -79,6 +79,33 @@ struct Registry {
     rooms: HashMap<Arc<str>, HashMap<ConnId, Mailbox>>,
 }
 
+impl Registry {
+    /// The local members of a frame's room, and the frame naming the room
+    /// with the registry's own `Arc`: the members' cursors hold that same
+    /// `Arc` (see [`Hub::room_name`]), so each of them finds its room by a
+    /// pointer compare. Counts the frame's delivery latency.
+    fn room_of(
+        &self,
+        frame: Arc<RoomFrame>,
+        stats: &Stats,
+    ) -> Option<(Arc<RoomFrame>, &HashMap<ConnId, Mailbox>)> {
+        let (name, members) = self.rooms.get_key_value(&frame.room)?;
+        if let Some(id) = frame.id {
+            stats.record_delivery_latency(id.ms);
+        }
+        let frame = if Arc::ptr_eq(name, &frame.room) {
+            frame
+        } else {
+            Arc::new(RoomFrame {
+                room: name.clone(),
+                id: frame.id,
+                text: frame.text.clone(),
+            })
+        };
+        Some((frame, members))
+    }
+}
+
 /// Figures for `/stats`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HubCounts {
@@ -155,6 +182,16 @@ impl Hub {
             .await
         {
             tracing::warn!(user = %connection.user, error = %err, "unsubscribing a user channel failed");
+        }
+    }
+
+    /// The name of `room` for a connection joining it: the registry's own
+    /// `Arc` if the room has members here, so that frames and cursors share
+    /// one `Arc` (see `Registry::room_of`).
+    pub fn room_name(&self, room: &str) -> Arc<str> {
+        match self.read().rooms.get_key_value(room) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
         }
     }
 
@@ -278,10 +315,7 @@ impl Hub {
         for delivery in deliveries.drain(..) {
             match delivery {
                 Delivery::Room(frame) => {
-                    if let Some(members) = registry.rooms.get(&frame.room) {
-                        if let Some(id) = frame.id {
-                            stats.record_delivery_latency(id.ms);
-                        }
+                    if let Some((frame, members)) = registry.room_of(frame, stats) {
                         for mailbox in members.values() {
                             queue(mailbox, Outbound::Room(frame.clone()));
                         }
@@ -325,12 +359,9 @@ impl Hub {
     /// Returns the tasks writing the other parts.
     fn deliver_room(&self, frame: Arc<RoomFrame>) -> Vec<JoinHandle<()>> {
         let registry = self.read();
-        let Some(members) = registry.rooms.get(&frame.room) else {
+        let Some((frame, members)) = registry.room_of(frame, &self.stats) else {
             return Vec::new();
         };
-        if let Some(id) = frame.id {
-            self.stats.record_delivery_latency(id.ms);
-        }
         if members.len() <= 2 * FLUSH_CHUNK {
             // Small enough for this task alone: no list to copy.
             deliver_each(members.values(), &frame, &self.stats);
@@ -528,6 +559,25 @@ mod tests {
         for member in &members {
             assert_eq!(member.take_texts(), expected);
         }
+    }
+
+    #[tokio::test]
+    async fn a_room_with_members_here_is_named_by_the_registrys_own_arc() {
+        let (hub, _, _) = hub();
+        let first: Arc<str> = hub.room_name("r");
+        hub.connect(1, "amy".into(), mailbox(8)).await.unwrap();
+        hub.join(1, &first).await.unwrap();
+        assert!(Arc::ptr_eq(&hub.room_name("r"), &first));
+        assert!(!Arc::ptr_eq(&hub.room_name("q"), &hub.room_name("q")));
+        let registry = hub.read();
+        let stats = Stats::new();
+        let frame = Arc::new(RoomFrame {
+            room: "r".into(),
+            id: None,
+            text: "x".into(),
+        });
+        let (frame, _) = registry.room_of(frame, &stats).unwrap();
+        assert!(Arc::ptr_eq(&frame.room, &first), "the frame is renamed too");
     }
 
     #[tokio::test]
