@@ -13,6 +13,7 @@
 //! The queue is bounded: a connection whose frames pile up past it is a slow
 //! consumer and is told to close with 4008. Empty, it holds no buffer.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -36,6 +37,23 @@ const MAX_BATCH: usize = 64;
 /// Up to this many bytes, queued frames are copied into one buffer and
 /// written with one plain write.
 const COPY_LIMIT: usize = 4096;
+thread_local! {
+    /// Where small writes are assembled: reused, so a write zeroes and
+    /// allocates nothing.
+    static JOINED: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(COPY_LIMIT));
+}
+
+/// Runs `write` on `parts` copied into one contiguous buffer.
+fn joined<'a, R>(parts: impl IntoIterator<Item = &'a [u8]>, write: impl FnOnce(&[u8]) -> R) -> R {
+    JOINED.with_borrow_mut(|buffer| {
+        buffer.clear();
+        parts
+            .into_iter()
+            .for_each(|part| buffer.extend_from_slice(part));
+        write(buffer)
+    })
+}
+
 /// The longest WebSocket frame header a server sends (no mask).
 const MAX_HEAD: usize = 10;
 
@@ -258,14 +276,11 @@ impl Mailbox {
         let head = &head[..head_len as usize];
         let total = head.len() + body.len();
         let written = if total <= COPY_LIMIT {
-            let mut buffer = [0u8; COPY_LIMIT];
-            buffer[..head.len()].copy_from_slice(head);
-            buffer[head.len()..total].copy_from_slice(body);
             // A plain `send`: tokio's `try_write` first checks its cached
             // readiness, a cache miss per socket of a fan-out. If the socket
             // is full, the task takes over, and its writes through tokio
             // teach tokio the socket is full.
-            SockRef::from(socket).send(&buffer[..total])
+            joined([head, body], |bytes| SockRef::from(socket).send(bytes))
         } else {
             socket.try_write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
         };
@@ -488,13 +503,9 @@ impl Mailbox {
             let written = if slices.len() > 1 && total <= COPY_LIMIT {
                 // Small frames: one contiguous `send` costs the kernel less
                 // than a `writev` of their pieces.
-                let mut buffer = [0u8; COPY_LIMIT];
-                let mut at = 0;
-                for slice in slices {
-                    buffer[at..at + slice.len()].copy_from_slice(slice);
-                    at += slice.len();
-                }
-                socket.try_write(&buffer[..total])
+                joined(slices.iter().map(|slice| &**slice), |bytes| {
+                    socket.try_write(bytes)
+                })
             } else {
                 socket.try_write_vectored(slices)
             };
