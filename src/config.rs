@@ -101,6 +101,13 @@ pub struct Config {
     #[arg(long, env = "WRITE_DELAY", default_value = "0ms", value_parser = parse_duration)]
     pub write_delay: Duration,
 
+    /// An HTTP connection must send a complete request head within this
+    /// long of connecting, or of its previous response (an idle keep-alive
+    /// connection), or it is closed: sockets that never finish a request
+    /// cannot pile up to the file limit. 0 disables it.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
     /// Interval of WebSocket pings; a peer silent for two intervals is disconnected.
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,

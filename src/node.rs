@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -210,7 +210,12 @@ impl Node {
         });
         let app = crate::http::router(state.clone());
         let (stop_server, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(listener, app, stopped));
+        let server = tokio::spawn(serve_http(
+            listener,
+            app,
+            state.config.http_header_timeout,
+            stopped,
+        ));
         let stats_sharer = tokio::spawn(share_stats(state.clone()));
         tracing::info!(node = %state.node_id, %addr, broker = state.broker.kind(), "node started");
         Ok(Node {
@@ -281,7 +286,15 @@ impl Node {
 /// HTTP/1 connection over the bare `TcpStream`: a WebSocket upgrade then
 /// hands the session that very `TcpStream` (axum's server wraps it in a
 /// private type that cannot be unwrapped), which the fan-out writes to.
-async fn serve_http(listener: TcpListener, app: axum::Router, mut stopped: oneshot::Receiver<()>) {
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout((!header_timeout.is_zero()).then_some(header_timeout));
     let (closing, closing_seen) = tokio::sync::watch::channel(());
     loop {
         let accepted = tokio::select! {
@@ -311,10 +324,10 @@ async fn serve_http(listener: TcpListener, app: axum::Router, mut stopped: onesh
         );
         let service = hyper_util::service::TowerToHyperService::new(service);
         let mut closing_seen = closing_seen.clone();
+        let connection = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
             tokio::pin!(connection);
             let outcome = tokio::select! {
                 outcome = connection.as_mut() => outcome,

@@ -9,8 +9,8 @@ use futures::future::join_all;
 use serde_json::{json, Value};
 
 use crate::support::{
-    fetch_ticket, http_request, refused_upgrade, token, unix_now, Client, Ending, RawSocket,
-    TestNode,
+    fetch_ticket, http_get, http_request, refused_upgrade, token, unix_now, Client, Ending,
+    RawSocket, TestNode,
 };
 
 const SECRET: &str = "hostile-test-secret";
@@ -719,4 +719,50 @@ async fn a_thousand_mutated_frames_never_break_the_node() {
             break;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_a_request_are_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let node = TestNode::start(&["--http-header-timeout", "1s"]).await;
+    let started = std::time::Instant::now();
+    let silent = TcpStream::connect(node.addr).await.unwrap();
+    let mut partial = TcpStream::connect(node.addr).await.unwrap();
+    partial
+        .write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // A whole request, answered, then nothing: an idle keep-alive connection.
+    let mut idle = TcpStream::connect(node.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    for mut socket in [silent, partial, idle] {
+        let mut chunk = [0u8; 4096];
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match socket.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "a socket was still open after 10 s");
+    }
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "the idle connection got its answer first"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the timeout",
+        started.elapsed()
+    );
+    // Whoever completes a request in time is served as usual.
+    let (status, _) = http_get(node.addr, "/healthz").await;
+    assert_eq!(status, 200);
 }
