@@ -173,7 +173,8 @@ pub fn emit(result: &Value, json_out: Option<&Path>) {
             .create(true)
             .append(true)
             .open(path)
-            .and_then(|mut f| writeln!(f, "{line}"));
+            // One write: shards running at once append to the same file.
+            .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
         if let Err(e) = written {
             eprintln!("wsbench: cannot write {}: {e}", path.display());
         }
