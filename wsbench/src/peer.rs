@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::conn::{text_or_end, Ws};
@@ -48,7 +48,7 @@ pub struct Peer {
     pub room: Arc<str>,
     pub publish: Option<PubPlan>,
     pub receive: Option<RecvPlan>,
-    pub stop: watch::Receiver<bool>,
+    pub stop: oneshot::Receiver<()>,
     pub latency: Arc<SharedHist>,
     pub parse: ParseMode,
 }
@@ -90,7 +90,7 @@ impl Peer {
             room,
             publish,
             receive,
-            mut stop,
+            stop: mut stopped,
             latency,
             parse,
         } = self;
@@ -111,10 +111,8 @@ impl Peer {
         let mut replies_due = Instant::now();
         let mut end_retries = 0u32;
         let far = Instant::now() + Duration::from_secs(86400 * 365);
-        // Created once: a new `changed()` or `sleep` per frame costs a waker
-        // registration each, for every received frame.
-        let stopped = stop.changed();
-        tokio::pin!(stopped);
+        // Created once: a new `sleep` per frame costs a timer registration,
+        // for every received frame.
         let sleep = tokio::time::sleep_until(far);
         tokio::pin!(sleep);
         let mut armed = far;

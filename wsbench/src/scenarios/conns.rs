@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::conn::{join, open_many, text_or_end};
 use crate::report::{open_window, round3};
-use crate::scenarios::{join_all, user_name};
+use crate::scenarios::{join_all, user_name, Stop};
 use crate::{parse_secs, parse_shard, Ctx};
 
 #[derive(Args)]
@@ -75,17 +74,17 @@ pub async fn run(ctx: &Ctx, a: ConnsArgs) -> Value {
     let connected = phase.ok;
 
     // Hold: every connection is read (pings answered) by its own task.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let holders: Vec<_> = conns
         .into_iter()
         .flatten()
         .map(|mut ws| {
-            let mut stop = stop_rx.clone();
+            let mut stopped = stop.subscribe();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
                         biased;
-                        _ = stop.changed() => return (None, Some(ws)),
+                        _ = &mut stopped => return (None, Some(ws)),
                         m = ws.recv() => {
                             if let Err(reason) = text_or_end(m) {
                                 return (Some(reason), None);
@@ -102,11 +101,11 @@ pub async fn run(ctx: &Ctx, a: ConnsArgs) -> Value {
     let hold_cost = hold
         .close(&ctx.watched, None, connected, "connection")
         .await;
-    let _ = stop_tx.send(true);
+    stop.stop();
     let ended = join_all(
         holders,
         Instant::now() + Duration::from_secs(10),
-        &stop_tx,
+        &stop,
         Duration::from_secs(2),
     )
     .await;

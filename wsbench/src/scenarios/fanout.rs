@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::conn::{join, open_many, ConnectPhase, Ws};
 use crate::hist::SharedHist;
 use crate::peer::{Peer, PeerResult, PubPlan, RecvPlan};
 use crate::report::{open_window, round3};
-use crate::scenarios::{join_all, room_name, user_name};
+use crate::scenarios::{join_all, room_name, user_name, Stop};
 use crate::seq::Delivery;
 use crate::{parse_secs, Ctx};
 
@@ -174,8 +173,8 @@ pub async fn run(ctx: &Ctx, a: FanoutArgs) -> Value {
     let latency = Arc::new(SharedHist::default());
     let pad: Arc<str> = "x".repeat(a.size).into();
     let room: Arc<str> = room.into();
-    let (sub_stop, sub_stop_rx) = watch::channel(false);
-    let (pub_stop, pub_stop_rx) = watch::channel(false);
+    let sub_stop = Stop::default();
+    let pub_stop = Stop::default();
 
     let window = open_window(&ctx.watched, ctx.redis()).await;
     let start = Instant::now() + Duration::from_millis(100);
@@ -192,7 +191,7 @@ pub async fn run(ctx: &Ctx, a: FanoutArgs) -> Value {
                         publishers: a.pubs,
                         until_end_markers: true,
                     }),
-                    stop: sub_stop_rx.clone(),
+                    stop: sub_stop.subscribe(),
                     latency: latency.clone(),
                     parse: ctx.parse(),
                 }
@@ -219,7 +218,7 @@ pub async fn run(ctx: &Ctx, a: FanoutArgs) -> Value {
                         end_marker: true,
                     }),
                     receive: None,
-                    stop: pub_stop_rx.clone(),
+                    stop: pub_stop.subscribe(),
                     latency: latency.clone(),
                     parse: ctx.parse(),
                 }

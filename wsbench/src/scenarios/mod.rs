@@ -7,9 +7,34 @@ pub mod rooms;
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
+
+/// Tells many tasks to stop. Each task waits on a receiver of its own: tasks
+/// sharing one `watch` channel took its mutex on every poll of their wait,
+/// that is once per frame received, from every task at once.
+#[derive(Default)]
+pub struct Stop(std::sync::Mutex<Vec<oneshot::Sender<()>>>);
+
+impl Stop {
+    /// Resolves once [`stop`](Self::stop) is called or the `Stop` dropped.
+    pub fn subscribe(&self) -> oneshot::Receiver<()> {
+        let (stop, stopped) = oneshot::channel();
+        self.senders().push(stop);
+        stopped
+    }
+
+    pub fn stop(&self) {
+        for stop in self.senders().drain(..) {
+            let _ = stop.send(());
+        }
+    }
+
+    fn senders(&self) -> std::sync::MutexGuard<'_, Vec<oneshot::Sender<()>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Waits for every task until `deadline`, then tells the rest to stop
 /// (`stop`) and waits up to `grace` more; tasks still running after that are
@@ -17,7 +42,7 @@ use tokio::time::{timeout_at, Instant};
 pub async fn join_all<T: Send + 'static>(
     tasks: Vec<JoinHandle<T>>,
     deadline: Instant,
-    stop: &watch::Sender<bool>,
+    stop: &Stop,
     grace: Duration,
 ) -> Vec<Option<T>> {
     let mut out = Vec::with_capacity(tasks.len());
@@ -27,7 +52,7 @@ pub async fn join_all<T: Send + 'static>(
         let r = match timeout_at(limit, &mut task).await {
             Ok(r) => r.ok(),
             Err(_) if !stopped => {
-                let _ = stop.send(true);
+                stop.stop();
                 stopped = true;
                 limit = Instant::now() + grace;
                 match timeout_at(limit, &mut task).await {

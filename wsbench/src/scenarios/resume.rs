@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::conn::{open_many, text_or_end, Connector, Ws};
@@ -19,7 +19,7 @@ use crate::hist::{Batch, Hist, SharedHist};
 use crate::peer::{Peer, PeerResult, PubPlan};
 use crate::report::{open_window, round3};
 use crate::scenarios::fanout::connect_members;
-use crate::scenarios::{join_all, room_name, user_name};
+use crate::scenarios::{join_all, room_name, user_name, Stop};
 use crate::seq::{Delivery, SeqTracker};
 use crate::{parse_secs, Ctx};
 
@@ -70,15 +70,13 @@ async fn read_until(
     c: &mut Client,
     target: u64,
     parse: ParseMode,
-    stop: &mut watch::Receiver<bool>,
+    stopped: &mut oneshot::Receiver<()>,
     batch: &mut Batch,
 ) {
-    let stopped = stop.changed();
-    tokio::pin!(stopped);
     while c.tracker.distinct < target {
         tokio::select! {
             biased;
-            _ = &mut stopped => return,
+            _ = &mut *stopped => return,
             m = ws.recv() => {
                 let frame = match text_or_end(m) {
                     Ok(text) => frame::parse(parse, text),
@@ -122,7 +120,7 @@ async fn resume_one(
     mut client: Client,
     target: u64,
     permits: Option<Arc<Semaphore>>,
-    mut stop: watch::Receiver<bool>,
+    mut stopped: oneshot::Receiver<()>,
     live: Arc<SharedHist>,
 ) -> Resumed {
     let parse = connector.parse;
@@ -166,8 +164,6 @@ async fn resume_one(
     }
     let mut batch = Batch::new(live);
     let mut joined = false;
-    let stopped = stop.changed();
-    tokio::pin!(stopped);
     while !(joined && client.tracker.distinct >= target) {
         tokio::select! {
             biased;
@@ -227,7 +223,7 @@ async fn publish(
     deadline: Instant,
     parse: ParseMode,
 ) -> PeerResult {
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let task = tokio::spawn(
         Peer {
             ws,
@@ -242,7 +238,7 @@ async fn publish(
                 end_marker: false,
             }),
             receive: None,
-            stop: stop_rx,
+            stop: stop.subscribe(),
             latency: Arc::new(SharedHist::default()),
             parse,
         }
@@ -294,12 +290,12 @@ pub async fn run(ctx: &Ctx, a: ResumeArgs) -> Value {
 
     // Phase 1: M messages to everybody.
     let before_lat = Arc::new(SharedHist::default());
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let readers: Vec<_> = conns
         .into_iter()
         .enumerate()
         .map(|(i, ws)| {
-            let mut stop = stop_rx.clone();
+            let mut stopped = stop.subscribe();
             let hist = before_lat.clone();
             let target = a.before;
             tokio::spawn(async move {
@@ -313,7 +309,7 @@ pub async fn run(ctx: &Ctx, a: ResumeArgs) -> Value {
                     return (i, c, None);
                 };
                 let mut batch = Batch::new(hist);
-                read_until(&mut ws, &mut c, target, parse, &mut stop, &mut batch).await;
+                read_until(&mut ws, &mut c, target, parse, &mut stopped, &mut batch).await;
                 (i, c, Some(ws))
             })
         })
@@ -358,7 +354,7 @@ pub async fn run(ctx: &Ctx, a: ResumeArgs) -> Value {
     // Phase 3: the storm, with L live messages published meanwhile.
     let target = a.before + a.during + a.live;
     let live_lat = Arc::new(SharedHist::default());
-    let (storm_stop, storm_stop_rx) = watch::channel(false);
+    let storm_stop = Stop::default();
     let permits = (a.storm_concurrency > 0).then(|| Arc::new(Semaphore::new(a.storm_concurrency)));
     let window = open_window(&ctx.watched, ctx.redis()).await;
     let storm_start = Instant::now();
@@ -373,7 +369,7 @@ pub async fn run(ctx: &Ctx, a: ResumeArgs) -> Value {
             c,
             target,
             permits.clone(),
-            storm_stop_rx.clone(),
+            storm_stop.subscribe(),
             live_lat.clone(),
         )));
     }

@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use clap::Args;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::hist::SharedHist;
 use crate::peer::{Peer, PeerResult, PubPlan, RecvPlan};
 use crate::report::{open_window, round3};
 use crate::scenarios::fanout::{connect_members, publish_summary, receiver_summary};
-use crate::scenarios::{join_all, room_name, user_name};
+use crate::scenarios::{join_all, room_name, user_name, Stop};
 use crate::{parse_secs, Ctx};
 
 #[derive(Args)]
@@ -68,7 +67,7 @@ pub async fn run(ctx: &Ctx, a: RoomsArgs) -> Value {
     let interval = Duration::from_secs_f64(1.0 / a.rate);
     let latency = Arc::new(SharedHist::default());
     let pad: Arc<str> = "x".repeat(a.size).into();
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let window = open_window(&ctx.watched, ctx.redis()).await;
     let start = Instant::now() + Duration::from_millis(100);
     let mut slots = Vec::new();
@@ -93,7 +92,7 @@ pub async fn run(ctx: &Ctx, a: RoomsArgs) -> Value {
                     publishers: members(i % rooms),
                     until_end_markers: true,
                 }),
-                stop: stop_rx.clone(),
+                stop: stop.subscribe(),
                 latency: latency.clone(),
                 parse: ctx.parse(),
             }
