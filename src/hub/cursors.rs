@@ -176,6 +176,16 @@ mod tests {
         })
     }
 
+    /// A join's catch-up without `since`.
+    fn completed(room: &str, replay: Vec<Arc<RoomFrame>>, joined: &str) -> Outbound {
+        Outbound::JoinCompleted(Box::new(JoinCompletion {
+            room: room.into(),
+            since: None,
+            replay,
+            joined: joined.into(),
+        }))
+    }
+
     fn run(cursors: &mut Cursors, items: Vec<Outbound>) -> Vec<String> {
         let mut out = Vec::new();
         for item in items {
@@ -196,12 +206,11 @@ mod tests {
                 Outbound::Room(frame("r", None, "presence")),
                 Outbound::Room(frame("r", Some(4), "m4")),
                 Outbound::Frame("direct".into()),
-                Outbound::JoinCompleted(Box::new(JoinCompletion {
-                    room: "r".into(),
-                    since: None,
-                    replay: vec![frame("r", Some(2), "m2"), frame("r", Some(3), "m3")],
-                    joined: "joined".into(),
-                })),
+                completed(
+                    "r",
+                    vec![frame("r", Some(2), "m2"), frame("r", Some(3), "m3")],
+                    "joined",
+                ),
                 Outbound::Room(frame("r", Some(4), "m4")),
                 Outbound::Room(frame("r", Some(5), "m5")),
             ],
@@ -220,12 +229,7 @@ mod tests {
             vec![
                 Outbound::JoinStarted("a".into()),
                 Outbound::Room(frame("b", Some(1), "b1")),
-                Outbound::JoinCompleted(Box::new(JoinCompletion {
-                    room: "a".into(),
-                    since: None,
-                    replay: vec![],
-                    joined: "joined a".into(),
-                })),
+                completed("a", vec![], "joined a"),
                 Outbound::Left {
                     room: "a".into(),
                     text: "left a".into(),
@@ -246,14 +250,7 @@ mod tests {
     #[test]
     fn a_rejoin_with_since_does_not_repeat_what_was_already_written() {
         let mut cursors = Cursors::new(100);
-        let completion = |replay| {
-            Outbound::JoinCompleted(Box::new(JoinCompletion {
-                room: "r".into(),
-                since: None,
-                replay,
-                joined: "joined".into(),
-            }))
-        };
+        let completion = |replay| completed("r", replay, "joined");
         let out = run(
             &mut cursors,
             vec![
@@ -276,12 +273,7 @@ mod tests {
             &mut cursors,
             vec![
                 Outbound::JoinStarted("r".into()),
-                Outbound::JoinCompleted(Box::new(JoinCompletion {
-                    room: "r".into(),
-                    since: None,
-                    replay: vec![],
-                    joined: "joined".into(),
-                })),
+                completed("r", vec![], "joined"),
                 Outbound::Room(frame("r", Some(1), "m1")),
                 Outbound::JoinStarted("r".into()),
                 Outbound::Room(frame("r", Some(2), "m2")),

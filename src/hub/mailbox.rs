@@ -735,14 +735,19 @@ mod tests {
         assert_eq!(&close.body[..2], &1012u16.to_be_bytes());
     }
 
+    /// A mailbox writing to a real loopback socket, and the socket's peer.
+    async fn on_a_socket() -> (Mailbox, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Mailbox::new(settings(8), Some(server)), client)
+    }
+
     #[tokio::test]
     async fn frames_reach_the_socket_and_the_peer_reads_them_in_order() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mailbox = Mailbox::new(settings(8), Some(server));
+        let (mailbox, mut client) = on_a_socket().await;
         mailbox.offer(frame("welcome"));
         mailbox.start();
         mailbox.offer(frame("hi"));
@@ -755,11 +760,7 @@ mod tests {
     #[tokio::test]
     async fn room_frames_are_written_in_order_whether_direct_or_queued() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let mailbox = Mailbox::new(settings(8), Some(server));
+        let (mailbox, mut client) = on_a_socket().await;
         let frame = |seq: u64, text: &str| {
             Arc::new(RoomFrame {
                 room: "r".into(),
