@@ -102,6 +102,17 @@ def row(r):
         notes.append(f"connect {c.get('per_second')}/s p99 {c.get('ms', {}).get('p99')} ms, failed {c.get('failed')}")
         if c.get("tcp_counters"):
             notes.append(f"tcp {c['tcp_counters']}")
+    elif sc == "stalls":
+        # The machine itself: the latency columns hold the floor its stalls
+        # put under any latency measured on it.
+        fl = r.get("latency_floor_ms") or {}
+        out["p99"], out["p99.9"], out["max"] = fmt(fl.get("p99")), fmt(fl.get("p99.9")), fmt(fl.get("max"))
+        notes.append(f"no server: latency floor from CPU stalls; all CPUs stalled {r.get('all_cpus_stalled_pct')}% "
+                     f"of {r['params']['window_ms']} ms windows")
+        for c in r.get("cpus", []):
+            e = c.get("episode_ms") or {}
+            notes.append(f"cpu {c['cpu']}: {c['episodes_per_s']} episodes/s, p50 {fmt(e.get('p50'), 0)} ms, "
+                         f"max {fmt(e.get('max'), 0)} ms, pace {c['speed_pct_of_best']:.0f}% of best")
     elif sc == "resume":
         st = r.get("storm") or {}
         rl = st.get("resume_ms") or {}
@@ -135,7 +146,8 @@ def summary(runs):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n\nLatencies in ms (resume rows: time to `joined`).\n"
+    return "\n".join(lines) + ("\n\nLatencies in ms (resume rows: time to `joined`; stalls rows: how long "
+                                "the machine's own stalls delay work arriving at a random moment).\n")
 
 
 def chart(runs, path):
@@ -150,7 +162,7 @@ def chart(runs, path):
         label = r.get("label") or ""
         if not label.startswith("sweep-") or r.get("scenario") != "fanout":
             continue
-        setup = "2 nodes + Redis" if label.endswith("-redis2") else "1 node"
+        setup = "2 nodes + Redis" if "-redis2" in label else "1 node"
         lat = r.get("latency_ms") or {}
         if not lat.get("count"):
             continue
@@ -177,7 +189,9 @@ def chart(runs, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("publish-to-deliver latency, ms")
-    fig.suptitle("roomcast latency vs offered load (wsbench, loopback, 2 cores shared with the generator)")
+    pinned = any((r.get("label") or "").endswith("-pinned") for r in runs)
+    where = "server and generator on a core each" if pinned else "2 cores shared with the generator"
+    fig.suptitle(f"roomcast latency vs offered load (wsbench, loopback, {where})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"bench-report: wrote {path}")

@@ -3,7 +3,8 @@
 //! Scenarios: `conns` (idle connections held open), `fanout` (one room, many
 //! subscribers, a few publishers), `rooms` (many rooms, every client
 //! publishes and receives) and `resume` (a reconnect storm resuming from the
-//! last id). Each prints a table and one `RESULT {json}` line.
+//! last id), plus `stalls`, which measures the machine itself (how steadily
+//! its CPUs run). Each prints a table and one `RESULT {json}` line.
 
 mod conn;
 mod frame;
@@ -111,6 +112,8 @@ enum Scenario {
     Rooms(scenarios::rooms::RoomsArgs),
     /// Reconnect storm: N clients drop at once and resume with `since`
     Resume(scenarios::resume::ResumeArgs),
+    /// No server: how steadily this machine's CPUs run (stalls of 1 ms windows)
+    Stalls(scenarios::stalls::StallsArgs),
 }
 
 /// What every scenario gets.
@@ -152,6 +155,7 @@ impl Ctx {
                 "source_ips": self.common.source_ips,
                 "nofile_limit": self.nofile,
                 "connect_concurrency": self.common.connect_concurrency,
+                "cpus_allowed": procstat::cpus_allowed("self"),
             },
             "unix_ms": frame::now_us() / 1000,
         })
@@ -270,6 +274,7 @@ fn main() {
             Scenario::Fanout(a) => scenarios::fanout::run(&ctx, a).await,
             Scenario::Rooms(a) => scenarios::rooms::run(&ctx, a).await,
             Scenario::Resume(a) => scenarios::resume::run(&ctx, a).await,
+            Scenario::Stalls(a) => scenarios::stalls::run(&ctx, a).await,
         };
         let header = ctx.header(result["scenario"].as_str().unwrap_or("?"), &runtime_name);
         if let (Some(r), Some(h)) = (result.as_object_mut(), header.as_object()) {

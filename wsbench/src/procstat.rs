@@ -40,6 +40,18 @@ pub fn parse_status_rss(text: &str) -> Option<u64> {
     }
 }
 
+/// `Cpus_allowed_list` of /proc/PID/status: the CPUs a process may run on
+/// (`taskset`), e.g. "0" or "0-1".
+pub fn parse_status_cpus_allowed(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("Cpus_allowed_list:"))?;
+    Some(line["Cpus_allowed_list:".len()..].trim().to_string())
+}
+
+/// The CPUs process `pid` may run on, or None when /proc does not say.
+pub fn cpus_allowed(pid: &str) -> Option<String> {
+    parse_status_cpus_allowed(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// The soft `Max open files` of /proc/PID/limits.
 pub fn parse_limits_nofile(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
@@ -164,6 +176,9 @@ pub struct MachineSample {
     pub irq: u64,
     pub softirq: u64,
     pub steal: u64,
+    /// CPUs the machine has (the `cpuN` lines), whatever this process's
+    /// affinity: the machine figures are about all of them.
+    pub cpus: u64,
 }
 
 pub fn parse_proc_stat(text: &str) -> Option<MachineSample> {
@@ -186,6 +201,10 @@ pub fn parse_proc_stat(text: &str) -> Option<MachineSample> {
         irq: get(5),
         softirq: get(6),
         steal: get(7),
+        cpus: text
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count() as u64,
     })
 }
 
@@ -360,8 +379,12 @@ mod tests {
 
     #[test]
     fn machine_usage_from_proc_stat() {
-        let a = parse_proc_stat("cpu  100 0 100 700 0 0 0 100 0 0\ncpu0 1 2 3 4\n").unwrap();
+        let a = parse_proc_stat(
+            "cpu  100 0 100 700 0 0 0 100 0 0\ncpu0 1 2 3 4\ncpu1 1 2 3 4\nintr 5\n",
+        )
+        .unwrap();
         let b = parse_proc_stat("cpu  200 0 150 800 0 0 50 100 0 0\n").unwrap();
+        assert_eq!((a.cpus, b.cpus), (2, 0));
         let u = machine_usage(&a, &b);
         assert_eq!(u["busy_pct"], 66.7);
         assert_eq!(u["user_pct"], 33.3);
@@ -369,6 +392,14 @@ mod tests {
         let per = machine_per(&a, &b, 1000, 100);
         assert_eq!(per["all"], 2000.0);
         assert_eq!(per["irq_softirq"], 500.0);
+    }
+
+    #[test]
+    fn cpus_allowed_from_status() {
+        let status = "Name:\troomcast\nCpus_allowed:\t1\nCpus_allowed_list:\t0\nVmRSS:\t 10 kB\n";
+        assert_eq!(parse_status_cpus_allowed(status).as_deref(), Some("0"));
+        assert_eq!(parse_status_cpus_allowed("Name:\tx\n"), None);
+        assert!(cpus_allowed("self").is_some());
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl Window {
                 format!("cpu_us_per_{per}"): d.per(items),
                 "rss_before_bytes": a.rss_bytes,
                 "rss_after_bytes": b.rss_bytes,
+                "cpus_allowed": procstat::cpus_allowed(&w.pid),
             }));
         }
         let generator = match (self.gen, gen_after) {
@@ -102,7 +103,8 @@ impl Window {
         // CPU the watched processes and this generator do not explain (other
         // work on the machine, kernel threads): a sign of a disturbed run.
         if let Some(busy) = machine["busy_pct"].as_f64() {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            // All of the machine's CPUs, not this process's affinity (taskset).
+            let cores = after.machine.map_or(1, |m| m.cpus.max(1)) as f64;
             let ours = procs
                 .iter()
                 .filter_map(|p| p["cpu_pct"].as_f64())

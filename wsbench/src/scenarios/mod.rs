@@ -4,6 +4,7 @@ pub mod conns;
 pub mod fanout;
 pub mod resume;
 pub mod rooms;
+pub mod stalls;
 
 use std::time::Duration;
 

@@ -1,0 +1,298 @@
+//! `stalls`: how steadily this machine's CPUs run, with no server involved.
+//!
+//! One thread per CPU (pinned to it) repeats a fixed piece of arithmetic for
+//! the whole run and counts how many pieces each window (1 ms) got done. A
+//! window that did under a third of the best window's work is *stalled*: the
+//! CPU was taken away (a virtual machine's host running something else) or
+//! slowed. Consecutive stalled windows form an episode. A latency target of a
+//! few milliseconds cannot hold through episodes of tens of milliseconds,
+//! whatever the server does, so `scripts/bench` records this next to the
+//! latency figures.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::parse_secs;
+use crate::report::round3;
+
+/// A window counts as stalled below this share of the best window's work.
+const STALLED_BELOW: f64 = 1.0 / 3.0;
+/// Rounds of arithmetic per piece of work: about 1 µs, so a 1 ms window
+/// holds hundreds and the clock read after each piece costs little.
+const PIECE_ROUNDS: u32 = 256;
+
+#[derive(Args)]
+pub struct StallsArgs {
+    /// Seconds to measure
+    #[arg(long, value_parser = parse_secs, default_value = "10")]
+    pub duration: f64,
+    /// Window length in milliseconds
+    #[arg(long, default_value_t = 1.0)]
+    pub window_ms: f64,
+}
+
+pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
+    if !(a.window_ms >= 0.1 && a.duration >= a.window_ms / 1000.0 && a.duration <= 600.0) {
+        return json!({"scenario": "stalls", "error": "need --window-ms >= 0.1 and a --duration of one window to 600 s"});
+    }
+    let cpus = allowed_cpus();
+    if cpus.is_empty() {
+        return json!({"scenario": "stalls", "error": "sched_getaffinity failed: no CPU to measure"});
+    }
+    let window = Duration::from_secs_f64(a.window_ms / 1000.0);
+    let windows = (a.duration / window.as_secs_f64()).floor() as usize;
+    let measured = tokio::task::spawn_blocking(move || measure_all(&cpus, window, windows)).await;
+    let Ok(per_cpu) = measured else {
+        return json!({"scenario": "stalls", "error": "a measuring thread failed"});
+    };
+    let summaries: Vec<Value> = per_cpu
+        .iter()
+        .map(|(cpu, pinned, work)| {
+            let mut s = summarize(work, a.window_ms).to_json();
+            s["cpu"] = json!(cpu);
+            s["pinned"] = json!(pinned);
+            s
+        })
+        .collect();
+    let stalled: Vec<Vec<bool>> = per_cpu.iter().map(|(_, _, w)| stalled(w)).collect();
+    let all_stalled: Vec<bool> = (0..windows).map(|i| stalled.iter().all(|s| s[i])).collect();
+    let floor = stall_left_at(&all_stalled, a.window_ms);
+    let at = |q: f64| floor[((floor.len() - 1) as f64 * q).round() as usize];
+    let share = |all: bool| {
+        let hits = (0..windows)
+            .filter(|&i| {
+                let mut each = stalled.iter().map(|s| s[i]);
+                if all {
+                    each.all(|x| x)
+                } else {
+                    each.any(|x| x)
+                }
+            })
+            .count();
+        round3(100.0 * hits as f64 / windows.max(1) as f64)
+    };
+    json!({
+        "scenario": "stalls",
+        "params": {"duration_s": a.duration, "window_ms": a.window_ms, "stalled_below_pct_of_best": round3(100.0 * STALLED_BELOW)},
+        "cpus": summaries,
+        "any_cpu_stalled_pct": share(false),
+        "all_cpus_stalled_pct": share(true),
+        // How long work arriving at a random moment waits for the machine to
+        // run again: a floor under any latency percentile measured here.
+        "latency_floor_ms": {"p99": at(0.99), "p99.9": at(0.999), "max": at(1.0)},
+    })
+}
+
+/// The CPUs this process may run on (`taskset` narrows them).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // writes at most size_of::<cpu_set_t>() bytes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+/// Pins the calling thread to `cpu`; false if the kernel refused.
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: as in allowed_cpus; CPU_SET stays within CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Work per window on each CPU, all threads counting the same windows.
+fn measure_all(cpus: &[usize], window: Duration, windows: usize) -> Vec<(usize, bool, Vec<u32>)> {
+    // A common start a little ahead, so every thread is running by then.
+    let start = Instant::now() + Duration::from_millis(50);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = cpus
+            .iter()
+            .map(|&cpu| {
+                scope.spawn(move || {
+                    let pinned = pin_to(cpu);
+                    (cpu, pinned, work_per_window(start, window, windows))
+                })
+            })
+            .collect();
+        threads.into_iter().filter_map(|t| t.join().ok()).collect()
+    })
+}
+
+/// Pieces of work done in each of `windows` windows from `start`.
+fn work_per_window(start: Instant, window: Duration, windows: usize) -> Vec<u32> {
+    let mut work = vec![0u32; windows];
+    while Instant::now() < start {
+        std::hint::spin_loop();
+    }
+    let window_ns = window.as_nanos().max(1);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    loop {
+        for _ in 0..PIECE_ROUNDS {
+            // xorshift64: cheap, and no compiler can skip it.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        black_box(x);
+        let i = (start.elapsed().as_nanos() / window_ns) as usize;
+        match work.get_mut(i) {
+            Some(done) => *done += 1,
+            None => return work,
+        }
+    }
+}
+
+/// Which windows did under [`STALLED_BELOW`] of the best window's work.
+fn stalled(work: &[u32]) -> Vec<bool> {
+    let best = work.iter().copied().max().unwrap_or(0) as f64;
+    work.iter()
+        .map(|&w| (w as f64) < best * STALLED_BELOW)
+        .collect()
+}
+
+/// For each window, sorted: how much longer (ms) the stall it is in lasts,
+/// counting the window itself; 0 for a window that is not stalled.
+fn stall_left_at(stalled: &[bool], window_ms: f64) -> Vec<f64> {
+    let mut left = vec![0.0; stalled.len()];
+    let mut run = 0usize;
+    for (i, &s) in stalled.iter().enumerate().rev() {
+        run = if s { run + 1 } else { 0 };
+        left[i] = run as f64 * window_ms;
+    }
+    left.sort_by(f64::total_cmp);
+    if left.is_empty() {
+        left.push(0.0);
+    }
+    left
+}
+
+/// One CPU's steadiness.
+#[derive(Debug, PartialEq)]
+struct CpuSteadiness {
+    windows: usize,
+    /// Work done over the run, in percent of the best window's pace.
+    speed_pct: f64,
+    stalled_pct: f64,
+    /// Lengths of the runs of consecutive stalled windows, in ms, sorted.
+    episodes_ms: Vec<f64>,
+    episodes_per_s: f64,
+}
+
+impl CpuSteadiness {
+    fn to_json(&self) -> Value {
+        let pick = |q: f64| {
+            let e = &self.episodes_ms;
+            (!e.is_empty()).then(|| e[((e.len() - 1) as f64 * q).round() as usize])
+        };
+        json!({
+            "windows": self.windows,
+            "speed_pct_of_best": self.speed_pct,
+            "stalled_pct": self.stalled_pct,
+            "episodes": self.episodes_ms.len(),
+            "episodes_per_s": self.episodes_per_s,
+            "episode_ms": {"p50": pick(0.5), "p90": pick(0.9), "max": pick(1.0)},
+        })
+    }
+}
+
+fn summarize(work: &[u32], window_ms: f64) -> CpuSteadiness {
+    let windows = work.len();
+    let best = work.iter().copied().max().unwrap_or(0) as f64;
+    let flags = stalled(work);
+    let mut episodes_ms = Vec::new();
+    let mut run = 0usize;
+    for &s in flags.iter().chain(std::iter::once(&false)) {
+        if s {
+            run += 1;
+        } else if run > 0 {
+            episodes_ms.push(run as f64 * window_ms);
+            run = 0;
+        }
+    }
+    episodes_ms.sort_by(f64::total_cmp);
+    let total: f64 = work.iter().map(|&w| w as f64).sum();
+    let pct = |x: f64, of: f64| {
+        if of > 0.0 {
+            round3(100.0 * x / of)
+        } else {
+            0.0
+        }
+    };
+    let seconds = windows as f64 * window_ms / 1000.0;
+    CpuSteadiness {
+        windows,
+        speed_pct: pct(total, best * windows as f64),
+        stalled_pct: pct(flags.iter().filter(|&&s| s).count() as f64, windows as f64),
+        episodes_per_s: if seconds > 0.0 {
+            round3(episodes_ms.len() as f64 / seconds)
+        } else {
+            0.0
+        },
+        episodes_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_under_a_third_of_the_best_are_stalled_and_runs_of_them_are_episodes() {
+        // 20 windows of 1 ms: best 300; a 3-window episode, a 1-window one at the end.
+        let mut work = vec![300u32; 20];
+        work[5] = 50;
+        work[6] = 99;
+        work[7] = 0;
+        work[8] = 100; // exactly a third: not stalled
+        work[19] = 10;
+        let s = summarize(&work, 1.0);
+        assert_eq!(s.windows, 20);
+        assert_eq!(s.stalled_pct, 20.0);
+        assert_eq!(s.episodes_ms, vec![1.0, 3.0]);
+        assert_eq!(s.episodes_per_s, 100.0);
+        let done = 300.0 * 15.0 + 50.0 + 99.0 + 100.0 + 10.0;
+        assert_eq!(s.speed_pct, round3(100.0 * done / 6000.0));
+        let j = s.to_json();
+        assert_eq!(j["episode_ms"]["max"], 3.0);
+        assert_eq!(j["episodes"], 2);
+    }
+
+    #[test]
+    fn the_latency_floor_is_how_long_the_stall_a_moment_falls_in_still_lasts() {
+        // 10 windows of 2 ms, one stall of 3 windows: 6, 4 and 2 ms left.
+        let mut stalled = vec![false; 10];
+        stalled[2..5].fill(true);
+        let left = stall_left_at(&stalled, 2.0);
+        assert_eq!(left, vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 4.0, 6.0]);
+        assert_eq!(stall_left_at(&[], 1.0), vec![0.0]);
+    }
+
+    #[test]
+    fn a_steady_cpu_has_no_episodes() {
+        let s = summarize(&[200, 210, 190, 205], 2.0);
+        assert_eq!((s.stalled_pct, s.episodes_ms.len()), (0.0, 0));
+        assert_eq!(s.to_json()["episode_ms"]["p50"], Value::Null);
+    }
+
+    #[test]
+    fn work_is_counted_in_every_window_on_a_real_cpu() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        let measured = measure_all(&cpus[..1], Duration::from_millis(5), 4);
+        let (_, pinned, work) = &measured[0];
+        assert!(*pinned);
+        assert_eq!(work.len(), 4);
+        assert!(work.iter().sum::<u32>() > 0, "{work:?}");
+    }
+}
