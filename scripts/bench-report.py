@@ -102,6 +102,16 @@ def row(r):
         notes.append(f"connect {c.get('per_second')}/s p99 {c.get('ms', {}).get('p99')} ms, failed {c.get('failed')}")
         if c.get("tcp_counters"):
             notes.append(f"tcp {c['tcp_counters']}")
+    elif sc == "stalls" and r.get("bursts"):
+        # The machine itself: how long a fixed burst of work takes, timed
+        # from its scheduled start, with no server involved.
+        b = r["bursts"]
+        t = b.get("took_ms") or {}
+        out["p50"], out["p99"], out["p99.9"], out["max"] = (
+            fmt(t.get("p50")), fmt(t.get("p99")), fmt(t.get("p99.9")), fmt(t.get("max")))
+        p = r["params"]
+        notes.append(f"no server: {p['burst_ms']:g} ms of work every {p['every_ms']:g} ms on each CPU, "
+                     f"{b.get('count')} bursts timed from their scheduled start")
     elif sc == "stalls":
         # The machine itself: the latency columns hold the floor its stalls
         # put under any latency measured on it.
@@ -111,8 +121,10 @@ def row(r):
                      f"of {r['params']['window_ms']} ms windows")
         for c in r.get("cpus", []):
             e = c.get("episode_ms") or {}
+            # Older results measured the pace against the best window.
+            pace, of = (c["pace_pct_of_usual"], "usual") if "pace_pct_of_usual" in c else (c["speed_pct_of_best"], "best")
             notes.append(f"cpu {c['cpu']}: {c['episodes_per_s']} episodes/s, p50 {fmt(e.get('p50'), 0)} ms, "
-                         f"max {fmt(e.get('max'), 0)} ms, pace {c['speed_pct_of_best']:.0f}% of best")
+                         f"max {fmt(e.get('max'), 0)} ms, pace {pace:.0f}% of {of}")
     elif sc == "resume":
         st = r.get("storm") or {}
         rl = st.get("resume_ms") or {}
@@ -147,7 +159,8 @@ def summary(runs):
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     return "\n".join(lines) + ("\n\nLatencies in ms (resume rows: time to `joined`; stalls rows: how long "
-                                "the machine's own stalls delay work arriving at a random moment).\n")
+                                "the machine's own stalls delay work arriving at a random moment, or how long "
+                                "a burst of work took).\n")
 
 
 def chart(runs, path):

@@ -2,12 +2,18 @@
 //!
 //! One thread per CPU (pinned to it) repeats a fixed piece of arithmetic for
 //! the whole run and counts how many pieces each window (1 ms) got done. A
-//! window that did under a third of the best window's work is *stalled*: the
+//! window that did under a third of the usual (median) window's work is
+//! *stalled*: the
 //! CPU was taken away (a virtual machine's host running something else) or
 //! slowed. Consecutive stalled windows form an episode. A latency target of a
 //! few milliseconds cannot hold through episodes of tens of milliseconds,
 //! whatever the server does, so `scripts/bench` records this next to the
 //! latency figures.
+//!
+//! With `--burst-ms B`, each thread instead does B ms of that work (at its
+//! usual pace, measured first) every `--every-ms` and times each burst from
+//! its scheduled start: the latency of a server that needs B ms of CPU per
+//! message, with no server, network or generator involved.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -18,7 +24,7 @@ use serde_json::{json, Value};
 use crate::parse_secs;
 use crate::report::round3;
 
-/// A window counts as stalled below this share of the best window's work.
+/// A window counts as stalled below this share of the usual window's work.
 const STALLED_BELOW: f64 = 1.0 / 3.0;
 /// Rounds of arithmetic per piece of work: about 1 µs, so a 1 ms window
 /// holds hundreds and the clock read after each piece costs little.
@@ -32,7 +38,16 @@ pub struct StallsArgs {
     /// Window length in milliseconds
     #[arg(long, default_value_t = 1.0)]
     pub window_ms: f64,
+    /// Instead of spinning: bursts of this many ms of work (at the usual pace)
+    #[arg(long)]
+    pub burst_ms: Option<f64>,
+    /// With --burst-ms: one burst every this many ms, on each CPU
+    #[arg(long, default_value_t = 10.0)]
+    pub every_ms: f64,
 }
+
+/// How long the pace is measured before bursts, to size them.
+const CALIBRATION: Duration = Duration::from_millis(300);
 
 pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
     if !(a.window_ms >= 0.1 && a.duration >= a.window_ms / 1000.0 && a.duration <= 600.0) {
@@ -43,6 +58,35 @@ pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
         return json!({"scenario": "stalls", "error": "sched_getaffinity failed: no CPU to measure"});
     }
     let window = Duration::from_secs_f64(a.window_ms / 1000.0);
+    if let Some(burst_ms) = a.burst_ms {
+        if !(burst_ms > 0.0 && a.every_ms >= burst_ms) {
+            return json!({"scenario": "stalls", "error": "need --burst-ms > 0 and --every-ms >= --burst-ms"});
+        }
+        let plan = Bursts {
+            window,
+            burst_ms,
+            every: Duration::from_secs_f64(a.every_ms / 1000.0),
+            duration: Duration::from_secs_f64(a.duration),
+        };
+        let measured = tokio::task::spawn_blocking(move || plan.run_all(&cpus)).await;
+        let Ok(mut took_ms) = measured else {
+            return json!({"scenario": "stalls", "error": "a measuring thread failed"});
+        };
+        took_ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            took_ms
+                .get(((took_ms.len().max(1) - 1) as f64 * q).round() as usize)
+                .map(|&x| round3(x))
+        };
+        return json!({
+            "scenario": "stalls",
+            "params": {"duration_s": a.duration, "burst_ms": burst_ms, "every_ms": a.every_ms},
+            "bursts": {
+                "count": took_ms.len(),
+                "took_ms": {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p99.9": at(0.999), "max": at(1.0)},
+            },
+        });
+    }
     let windows = (a.duration / window.as_secs_f64()).floor() as usize;
     let measured = tokio::task::spawn_blocking(move || measure_all(&cpus, window, windows)).await;
     let Ok(per_cpu) = measured else {
@@ -76,7 +120,7 @@ pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
     };
     json!({
         "scenario": "stalls",
-        "params": {"duration_s": a.duration, "window_ms": a.window_ms, "stalled_below_pct_of_best": round3(100.0 * STALLED_BELOW)},
+        "params": {"duration_s": a.duration, "window_ms": a.window_ms, "stalled_below_pct_of_usual": round3(100.0 * STALLED_BELOW)},
         "cpus": summaries,
         "any_cpu_stalled_pct": share(false),
         "all_cpus_stalled_pct": share(true),
@@ -129,6 +173,74 @@ fn measure_all(cpus: &[usize], window: Duration, windows: usize) -> Vec<(usize, 
     })
 }
 
+/// Bursts of work on a fixed schedule, timed from their scheduled start.
+#[derive(Clone, Copy)]
+struct Bursts {
+    window: Duration,
+    burst_ms: f64,
+    every: Duration,
+    duration: Duration,
+}
+
+impl Bursts {
+    /// Every burst's time (ms) on each of `cpus`, together.
+    fn run_all(self, cpus: &[usize]) -> Vec<f64> {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    scope.spawn(move || {
+                        pin_to(cpu);
+                        self.run()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .filter_map(|t| t.join().ok())
+                .flatten()
+                .collect()
+        })
+    }
+
+    fn run(self) -> Vec<f64> {
+        let windows = (CALIBRATION.as_nanos() / self.window.as_nanos().max(1)) as usize;
+        let pace = work_per_window(Instant::now(), self.window, windows.max(1));
+        let per_ms = typical(&pace) / (self.window.as_secs_f64() * 1000.0);
+        let pieces = (per_ms * self.burst_ms).round().max(1.0) as u64;
+        let start = Instant::now();
+        let mut next = start;
+        let mut took = Vec::new();
+        while next < start + self.duration {
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            for _ in 0..pieces {
+                black_box(piece(next.elapsed().as_nanos() as u64));
+            }
+            let done = Instant::now();
+            took.push((done - next).as_secs_f64() * 1000.0);
+            // A fixed schedule; a burst that overran skips the ticks it missed.
+            while next <= done {
+                next += self.every;
+            }
+        }
+        took
+    }
+}
+
+/// One piece of work: rounds of xorshift64, cheap and impossible to skip.
+fn piece(mut x: u64) -> u64 {
+    x |= 1;
+    for _ in 0..PIECE_ROUNDS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    x
+}
+
 /// Pieces of work done in each of `windows` windows from `start`.
 fn work_per_window(start: Instant, window: Duration, windows: usize) -> Vec<u32> {
     let mut work = vec![0u32; windows];
@@ -138,13 +250,7 @@ fn work_per_window(start: Instant, window: Duration, windows: usize) -> Vec<u32>
     let window_ns = window.as_nanos().max(1);
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     loop {
-        for _ in 0..PIECE_ROUNDS {
-            // xorshift64: cheap, and no compiler can skip it.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-        }
-        black_box(x);
+        x = black_box(piece(x));
         let i = (start.elapsed().as_nanos() / window_ns) as usize;
         match work.get_mut(i) {
             Some(done) => *done += 1,
@@ -153,11 +259,19 @@ fn work_per_window(start: Instant, window: Duration, windows: usize) -> Vec<u32>
     }
 }
 
-/// Which windows did under [`STALLED_BELOW`] of the best window's work.
+/// The median window's work: the machine's usual pace (the fastest window
+/// is an outlier on a host whose speed wanders).
+fn typical(work: &[u32]) -> f64 {
+    let mut sorted = work.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0) as f64
+}
+
+/// Which windows did under [`STALLED_BELOW`] of the usual window's work.
 fn stalled(work: &[u32]) -> Vec<bool> {
-    let best = work.iter().copied().max().unwrap_or(0) as f64;
+    let usual = typical(work);
     work.iter()
-        .map(|&w| (w as f64) < best * STALLED_BELOW)
+        .map(|&w| (w as f64) < usual * STALLED_BELOW)
         .collect()
 }
 
@@ -181,7 +295,7 @@ fn stall_left_at(stalled: &[bool], window_ms: f64) -> Vec<f64> {
 #[derive(Debug, PartialEq)]
 struct CpuSteadiness {
     windows: usize,
-    /// Work done over the run, in percent of the best window's pace.
+    /// Work done over the run, in percent of the usual window's pace.
     speed_pct: f64,
     stalled_pct: f64,
     /// Lengths of the runs of consecutive stalled windows, in ms, sorted.
@@ -197,7 +311,7 @@ impl CpuSteadiness {
         };
         json!({
             "windows": self.windows,
-            "speed_pct_of_best": self.speed_pct,
+            "pace_pct_of_usual": self.speed_pct,
             "stalled_pct": self.stalled_pct,
             "episodes": self.episodes_ms.len(),
             "episodes_per_s": self.episodes_per_s,
@@ -208,7 +322,7 @@ impl CpuSteadiness {
 
 fn summarize(work: &[u32], window_ms: f64) -> CpuSteadiness {
     let windows = work.len();
-    let best = work.iter().copied().max().unwrap_or(0) as f64;
+    let usual = typical(work);
     let flags = stalled(work);
     let mut episodes_ms = Vec::new();
     let mut run = 0usize;
@@ -232,7 +346,7 @@ fn summarize(work: &[u32], window_ms: f64) -> CpuSteadiness {
     let seconds = windows as f64 * window_ms / 1000.0;
     CpuSteadiness {
         windows,
-        speed_pct: pct(total, best * windows as f64),
+        speed_pct: pct(total, usual * windows as f64),
         stalled_pct: pct(flags.iter().filter(|&&s| s).count() as f64, windows as f64),
         episodes_per_s: if seconds > 0.0 {
             round3(episodes_ms.len() as f64 / seconds)
@@ -248,8 +362,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_under_a_third_of_the_best_are_stalled_and_runs_of_them_are_episodes() {
-        // 20 windows of 1 ms: best 300; a 3-window episode, a 1-window one at the end.
+    fn windows_under_a_third_of_the_usual_are_stalled_and_runs_of_them_are_episodes() {
+        // 20 windows of 1 ms, usually 300; a 3-window episode, a 1-window one at the end.
         let mut work = vec![300u32; 20];
         work[5] = 50;
         work[6] = 99;
@@ -283,6 +397,20 @@ mod tests {
         let s = summarize(&[200, 210, 190, 205], 2.0);
         assert_eq!((s.stalled_pct, s.episodes_ms.len()), (0.0, 0));
         assert_eq!(s.to_json()["episode_ms"]["p50"], Value::Null);
+    }
+
+    #[test]
+    fn bursts_are_timed_on_their_schedule() {
+        let plan = Bursts {
+            window: Duration::from_millis(1),
+            burst_ms: 1.0,
+            every: Duration::from_millis(5),
+            duration: Duration::from_millis(50),
+        };
+        let took = plan.run();
+        // 10 ticks in 50 ms, fewer if bursts overran (a slow test machine).
+        assert!((1..=10).contains(&took.len()), "{took:?}");
+        assert!(took.iter().all(|&ms| ms > 0.0), "{took:?}");
     }
 
     #[test]
