@@ -113,11 +113,11 @@ def row(r):
         notes.append(f"no server: {p['burst_ms']:g} ms of work every {p['every_ms']:g} ms on each CPU, "
                      f"{b.get('count')} bursts timed from their scheduled start")
     elif sc == "stalls":
-        # The machine itself: the latency columns hold the floor its stalls
-        # put under any latency measured on it.
-        fl = r.get("latency_floor_ms") or {}
+        # The machine itself: the latency columns hold how long its stalls
+        # delay a moment taken at random (latency_floor_ms in older results).
+        fl = r.get("stall_wait_ms") or r.get("latency_floor_ms") or {}
         out["p99"], out["p99.9"], out["max"] = fmt(fl.get("p99")), fmt(fl.get("p99.9")), fmt(fl.get("max"))
-        notes.append(f"no server: latency floor from CPU stalls; all CPUs stalled {r.get('all_cpus_stalled_pct')}% "
+        notes.append(f"no server: wait for CPU stalls to end; all CPUs stalled {r.get('all_cpus_stalled_pct')}% "
                      f"of {r['params']['window_ms']} ms windows")
         for c in r.get("cpus", []):
             e = c.get("episode_ms") or {}
@@ -183,6 +183,13 @@ def chart(runs, path):
     if not series:
         print("bench-report: no sweep-* runs to chart", file=sys.stderr)
         return
+    # The machine alone (wsbench stalls --burst-ms): the p99 of a burst of
+    # work about as long as one message's fan-out, beside the p99 above.
+    reference = None
+    for r in runs:
+        b = r.get("bursts") if r.get("scenario") == "stalls" else None
+        if b and (b.get("took_ms") or {}).get("p99") is not None and r["params"]["burst_ms"] <= 5:
+            reference = (r["params"]["burst_ms"], b["took_ms"]["p99"])
     fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), sharey=True, squeeze=False)
     for ax, (setup, pts) in zip(axes[0], sorted(series.items())):
         pts.sort(key=lambda p: p[0])
@@ -199,6 +206,9 @@ def chart(runs, path):
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"offered load, messages/s published (x {subs} deliveries each)")
+        if reference is not None:
+            ax.axhline(reference[1], color="grey", linestyle="--", linewidth=1,
+                       label=f"no server: {reference[0]:g} ms of work, p99")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("publish-to-deliver latency, ms")

@@ -103,8 +103,8 @@ pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
         .collect();
     let stalled: Vec<Vec<bool>> = per_cpu.iter().map(|(_, _, w)| stalled(w)).collect();
     let all_stalled: Vec<bool> = (0..windows).map(|i| stalled.iter().all(|s| s[i])).collect();
-    let floor = stall_left_at(&all_stalled, a.window_ms);
-    let at = |q: f64| floor[((floor.len() - 1) as f64 * q).round() as usize];
+    let wait = stall_left_at(&all_stalled, a.window_ms);
+    let at = |q: f64| wait[((wait.len() - 1) as f64 * q).round() as usize];
     let share = |all: bool| {
         let hits = (0..windows)
             .filter(|&i| {
@@ -124,9 +124,9 @@ pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
         "cpus": summaries,
         "any_cpu_stalled_pct": share(false),
         "all_cpus_stalled_pct": share(true),
-        // How long work arriving at a random moment waits for the machine to
-        // run again: a floor under any latency percentile measured here.
-        "latency_floor_ms": {"p99": at(0.99), "p99.9": at(0.999), "max": at(1.0)},
+        // How long work arriving at a random moment, on CPUs this busy,
+        // waits for the stall it falls in to end.
+        "stall_wait_ms": {"p99": at(0.99), "p99.9": at(0.999), "max": at(1.0)},
     })
 }
 
@@ -155,22 +155,29 @@ fn pin_to(cpu: usize) -> bool {
     }
 }
 
-/// Work per window on each CPU, all threads counting the same windows.
-fn measure_all(cpus: &[usize], window: Duration, windows: usize) -> Vec<(usize, bool, Vec<u32>)> {
-    // A common start a little ahead, so every thread is running by then.
-    let start = Instant::now() + Duration::from_millis(50);
+/// Runs `f` on one thread pinned to each of `cpus`, at once: per CPU,
+/// whether the pinning took and what `f` returned.
+fn on_each_cpu<T: Send>(cpus: &[usize], f: impl Fn() -> T + Sync) -> Vec<(usize, bool, T)> {
     std::thread::scope(|scope| {
         let threads: Vec<_> = cpus
             .iter()
             .map(|&cpu| {
+                let f = &f;
                 scope.spawn(move || {
                     let pinned = pin_to(cpu);
-                    (cpu, pinned, work_per_window(start, window, windows))
+                    (cpu, pinned, f())
                 })
             })
             .collect();
         threads.into_iter().filter_map(|t| t.join().ok()).collect()
     })
+}
+
+/// Work per window on each CPU, all threads counting the same windows.
+fn measure_all(cpus: &[usize], window: Duration, windows: usize) -> Vec<(usize, bool, Vec<u32>)> {
+    // A common start a little ahead, so every thread is running by then.
+    let start = Instant::now() + Duration::from_millis(50);
+    on_each_cpu(cpus, || work_per_window(start, window, windows))
 }
 
 /// Bursts of work on a fixed schedule, timed from their scheduled start.
@@ -185,22 +192,10 @@ struct Bursts {
 impl Bursts {
     /// Every burst's time (ms) on each of `cpus`, together.
     fn run_all(self, cpus: &[usize]) -> Vec<f64> {
-        std::thread::scope(|scope| {
-            let threads: Vec<_> = cpus
-                .iter()
-                .map(|&cpu| {
-                    scope.spawn(move || {
-                        pin_to(cpu);
-                        self.run()
-                    })
-                })
-                .collect();
-            threads
-                .into_iter()
-                .filter_map(|t| t.join().ok())
-                .flatten()
-                .collect()
-        })
+        on_each_cpu(cpus, || self.run())
+            .into_iter()
+            .flat_map(|(_, _, took)| took)
+            .collect()
     }
 
     fn run(self) -> Vec<f64> {
@@ -383,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn the_latency_floor_is_how_long_the_stall_a_moment_falls_in_still_lasts() {
+    fn the_stall_wait_is_how_long_the_stall_a_moment_falls_in_still_lasts() {
         // 10 windows of 2 ms, one stall of 3 windows: 6, 4 and 2 ms left.
         let mut stalled = vec![false; 10];
         stalled[2..5].fill(true);
