@@ -102,6 +102,8 @@ def row(r):
         notes.append(f"connect {c.get('per_second')}/s p99 {c.get('ms', {}).get('p99')} ms, failed {c.get('failed')}")
         if c.get("tcp_counters"):
             notes.append(f"tcp {c['tcp_counters']}")
+    elif sc == "stalls" and r.get("error"):
+        pass  # reported below
     elif sc == "stalls" and r.get("bursts"):
         # The machine itself: how long a fixed burst of work takes, timed
         # from its scheduled start, with no server involved.
@@ -109,22 +111,26 @@ def row(r):
         t = b.get("took_ms") or {}
         out["p50"], out["p99"], out["p99.9"], out["max"] = (
             fmt(t.get("p50")), fmt(t.get("p99")), fmt(t.get("p99.9")), fmt(t.get("max")))
-        p = r["params"]
-        notes.append(f"no server: {p['burst_ms']:g} ms of work every {p['every_ms']:g} ms on each CPU, "
+        p = r.get("params") or {}
+        notes.append(f"no server: {p.get('burst_ms')} ms of work every {p.get('every_ms')} ms on each CPU, "
                      f"{b.get('count')} bursts timed from their scheduled start")
+        if b.get("expected") is None:
+            notes.append("ticks missed by overrunning bursts were skipped, not timed (older results)")
+        elif b.get("not_run"):
+            notes.append(f"{b['not_run']} of {b['expected']} bursts never started (over twice the duration)")
     elif sc == "stalls":
         # The machine itself: the latency columns hold how long its stalls
         # delay a moment taken at random (latency_floor_ms in older results).
         fl = r.get("stall_wait_ms") or r.get("latency_floor_ms") or {}
         out["p99"], out["p99.9"], out["max"] = fmt(fl.get("p99")), fmt(fl.get("p99.9")), fmt(fl.get("max"))
         notes.append(f"no server: wait for CPU stalls to end; all CPUs stalled {r.get('all_cpus_stalled_pct')}% "
-                     f"of {r['params']['window_ms']} ms windows")
+                     f"of {(r.get('params') or {}).get('window_ms')} ms windows")
         for c in r.get("cpus", []):
             e = c.get("episode_ms") or {}
             # Older results measured the pace against the best window.
-            pace, of = (c["pace_pct_of_usual"], "usual") if "pace_pct_of_usual" in c else (c["speed_pct_of_best"], "best")
+            pace, of = (c.get("pace_pct_of_usual"), "usual") if "pace_pct_of_usual" in c else (c.get("speed_pct_of_best"), "best")
             notes.append(f"cpu {c['cpu']}: {c['episodes_per_s']} episodes/s, p50 {fmt(e.get('p50'), 0)} ms, "
-                         f"max {fmt(e.get('max'), 0)} ms, pace {pace:.0f}% of {of}")
+                         f"max {fmt(e.get('max'), 0)} ms, pace {fmt(pace, 0)}% of {of}")
     elif sc == "resume":
         st = r.get("storm") or {}
         rl = st.get("resume_ms") or {}
