@@ -3,16 +3,15 @@
 //! One thread per CPU (pinned to it) repeats a fixed piece of arithmetic for
 //! the whole run and counts how many pieces each window (1 ms) got done. A
 //! window that did under a third of the usual (median) window's work is
-//! *stalled*: the
-//! CPU was taken away (a virtual machine's host running something else) or
-//! slowed. Consecutive stalled windows form an episode. A latency target of a
+//! *stalled*: the CPU was taken away (a virtual machine's host running
+//! something else) or slowed. Consecutive stalled windows form an episode. A latency target of a
 //! few milliseconds cannot hold through episodes of tens of milliseconds,
 //! whatever the server does, so `scripts/bench` records this next to the
 //! latency figures.
 //!
 //! With `--burst-ms B`, each thread instead does B ms of that work (at its
-//! usual pace, measured first) every `--every-ms` and times each burst from
-//! its scheduled start: the latency of a server that needs B ms of CPU per
+//! usual pace, measured first) due every `--every-ms` and times each burst
+//! from when it was due: the latency of a server that needs B ms of CPU per
 //! message, with no server, network or generator involved.
 
 use std::hint::black_box;
@@ -21,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::hist::Hist;
 use crate::parse_secs;
 use crate::report::round3;
 
@@ -49,8 +49,11 @@ pub struct StallsArgs {
 /// How long the pace is measured before bursts, to size them.
 const CALIBRATION: Duration = Duration::from_millis(300);
 
+fn fail(e: &str) -> Value {
+    json!({"scenario": "stalls", "error": e})
+}
+
 pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
-    let fail = |e: &str| json!({"scenario": "stalls", "error": e});
     if !(a.window_ms >= 0.1 && a.duration >= a.window_ms / 1000.0 && a.duration <= 600.0) {
         return fail("need --window-ms >= 0.1 and a --duration of one window to 600 s");
     }
@@ -80,19 +83,22 @@ pub async fn run(_ctx: &crate::Ctx, a: StallsArgs) -> Value {
         Ok(per_cpu) if !per_cpu.is_empty() => per_cpu,
         _ => return fail("a measuring thread failed"),
     };
-    let summaries: Vec<Value> = per_cpu
+    let cpus: Vec<(&usize, &bool, CpuSteadiness)> = per_cpu
         .iter()
-        .map(|(cpu, pinned, work)| {
-            let mut s = summarize(work, a.window_ms).to_json();
+        .map(|(cpu, pinned, work)| (cpu, pinned, summarize(work, a.window_ms)))
+        .collect();
+    let summaries: Vec<Value> = cpus
+        .iter()
+        .map(|(cpu, pinned, steadiness)| {
+            let mut s = steadiness.to_json();
             s["cpu"] = json!(cpu);
             s["pinned"] = json!(pinned);
             s
         })
         .collect();
-    let stalled: Vec<Vec<bool>> = per_cpu.iter().map(|(_, _, w)| stalled(w)).collect();
+    let stalled: Vec<Vec<bool>> = cpus.into_iter().map(|(_, _, s)| s.stalled).collect();
     let machine = MachineStalls::of(&stalled, a.window_ms);
-    let wait = &machine.wait_ms;
-    let at = |q: f64| wait[((wait.len() - 1) as f64 * q).round() as usize];
+    let at = |q: f64| quantile(&machine.wait_ms, q);
     json!({
         "scenario": "stalls",
         "params": {"duration_s": a.duration, "window_ms": a.window_ms, "stalled_below_pct_of_usual": round3(100.0 * STALLED_BELOW)},
@@ -192,12 +198,11 @@ struct Bursts {
 }
 
 /// One CPU's bursts.
-#[derive(Debug)]
 struct BurstRun {
     /// Pieces of work per burst, sized from the CPU's measured pace.
     pieces: u64,
-    /// How long each burst took from its scheduled start, ms, in order.
-    took_ms: Vec<f64>,
+    /// How long each burst took from when it was due, µs.
+    took: Hist,
     /// Bursts never started: the run fell so far behind that it stopped
     /// at twice its duration.
     not_run: usize,
@@ -226,7 +231,7 @@ impl Bursts {
         let ticks = self.ticks();
         let start = Instant::now();
         let give_up = start + self.duration * 2;
-        let mut took_ms = Vec::with_capacity(ticks);
+        let mut took = Hist::default();
         for k in 0..ticks {
             let due = start + self.every * k as u32;
             let now = Instant::now();
@@ -234,7 +239,7 @@ impl Bursts {
                 return Some(BurstRun {
                     pieces,
                     not_run: ticks - k,
-                    took_ms,
+                    took,
                 });
             }
             if due > now {
@@ -244,39 +249,35 @@ impl Bursts {
             for _ in 0..pieces {
                 x = black_box(piece(x));
             }
-            took_ms.push(due.elapsed().as_secs_f64() * 1000.0);
+            took.record(due.elapsed().as_micros() as u64);
         }
         Some(BurstRun {
             pieces,
-            took_ms,
+            took,
             not_run: 0,
         })
     }
 
     fn report(self, per_cpu: &[(usize, bool, Option<BurstRun>)], a: &StallsArgs) -> Value {
         if per_cpu.is_empty() || per_cpu.iter().any(|(_, _, r)| r.is_none()) {
-            return json!({"scenario": "stalls", "error": "a CPU's pace could not be measured (no work done in its median window)"});
+            return fail("a CPU's pace could not be measured (no work done in its median window)");
         }
         let runs = per_cpu
             .iter()
             .filter_map(|(cpu, pinned, r)| Some((cpu, pinned, r.as_ref()?)));
-        let mut took: Vec<f64> = runs
-            .clone()
-            .flat_map(|(_, _, r)| r.took_ms.iter().copied())
-            .collect();
-        took.sort_by(f64::total_cmp);
-        let at = |q: f64| {
-            took.get(((took.len().max(1) - 1) as f64 * q).round() as usize)
-                .map(|&x| round3(x))
-        };
+        let mut took = Hist::default();
+        for (_, _, r) in runs.clone() {
+            took.merge(&r.took);
+        }
+        let took = took.summary();
         json!({
             "scenario": "stalls",
             "params": {"duration_s": a.duration, "burst_ms": self.burst_ms, "every_ms": a.every_ms},
             "bursts": {
                 "expected": self.ticks() * per_cpu.len(),
-                "count": took.len(),
+                "count": took.count,
                 "not_run": runs.clone().map(|(_, _, r)| r.not_run).sum::<usize>(),
-                "took_ms": {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "p99.9": at(0.999), "max": at(1.0)},
+                "took_ms": took.to_json_ms(),
                 "cpus": runs.map(|(cpu, pinned, r)| json!({"cpu": cpu, "pinned": pinned, "pieces_per_burst": r.pieces})).collect::<Vec<_>>(),
             },
         })
@@ -320,12 +321,17 @@ fn typical(work: &[u32]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0) as f64
 }
 
-/// Which windows did under [`STALLED_BELOW`] of the usual window's work.
-fn stalled(work: &[u32]) -> Vec<bool> {
-    let usual = typical(work);
+/// Which windows did under [`STALLED_BELOW`] of `usual` work.
+fn stalled(work: &[u32], usual: f64) -> Vec<bool> {
     work.iter()
         .map(|&w| (w as f64) < usual * STALLED_BELOW)
         .collect()
+}
+
+/// The value at quantile `q` of `sorted` (nearest rank), None if empty.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get((last as f64 * q).round() as usize).copied()
 }
 
 /// For each window, sorted: how much longer (ms) the stall it is in lasts,
@@ -348,6 +354,8 @@ fn stall_left_at(stalled: &[bool], window_ms: f64) -> Vec<f64> {
 #[derive(Debug, PartialEq)]
 struct CpuSteadiness {
     windows: usize,
+    /// Which windows were stalled.
+    stalled: Vec<bool>,
     /// Work done over the run, in percent of the usual window's pace.
     speed_pct: f64,
     stalled_pct: f64,
@@ -358,10 +366,7 @@ struct CpuSteadiness {
 
 impl CpuSteadiness {
     fn to_json(&self) -> Value {
-        let pick = |q: f64| {
-            let e = &self.episodes_ms;
-            (!e.is_empty()).then(|| e[((e.len() - 1) as f64 * q).round() as usize])
-        };
+        let pick = |q: f64| quantile(&self.episodes_ms, q);
         json!({
             "windows": self.windows,
             "pace_pct_of_usual": self.speed_pct,
@@ -376,7 +381,7 @@ impl CpuSteadiness {
 fn summarize(work: &[u32], window_ms: f64) -> CpuSteadiness {
     let windows = work.len();
     let usual = typical(work);
-    let flags = stalled(work);
+    let flags = stalled(work, usual);
     let mut episodes_ms = Vec::new();
     let mut run = 0usize;
     for &s in flags.iter().chain(std::iter::once(&false)) {
@@ -401,6 +406,7 @@ fn summarize(work: &[u32], window_ms: f64) -> CpuSteadiness {
         windows,
         speed_pct: pct(total, usual * windows as f64),
         stalled_pct: pct(flags.iter().filter(|&&s| s).count() as f64, windows as f64),
+        stalled: flags,
         episodes_per_s: if seconds > 0.0 {
             round3(episodes_ms.len() as f64 / seconds)
         } else {
@@ -461,12 +467,11 @@ mod tests {
             duration: Duration::from_millis(50),
         };
         let run = plan.run().expect("pace measured");
-        assert_eq!(run.took_ms.len() + run.not_run, 10, "{run:?}");
-        let mut took = run.took_ms.clone();
-        took.sort_by(f64::total_cmp);
+        let took = run.took.summary();
+        assert_eq!(took.count as usize + run.not_run, 10, "{took:?}");
         // Stalls only lengthen bursts; a quarter allows a pace measured
         // while this test shared its CPU.
-        assert!(took[took.len() / 2] >= 0.5, "{run:?}");
+        assert!(took.p50 >= 500, "{took:?}");
     }
 
     #[test]
