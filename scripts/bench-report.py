@@ -28,12 +28,13 @@ def load(path):
 
 
 def nodes_cpu(cost, key):
-    """CPU µs per item of the node processes only (Redis apart): user, system, total."""
+    """CPU µs per item of the server processes only (nodes, or the bare
+    reference server; Redis apart): user, system, total."""
     u = s = 0.0
     found = False
     for p in cost.get("procs", []):
         per = p.get(key)
-        if per and str(p.get("name", "")).startswith("node"):
+        if per and str(p.get("name", "")).startswith(("node", "bare")):
             u += per["user"]
             s += per["system"]
             found = True
@@ -156,6 +157,40 @@ def row(r):
     return out
 
 
+def bare_label(label):
+    """The label of the bare reference run that matches `label`, if any."""
+    pinned = label.endswith("-pinned")
+    base = label[: -len("-pinned")] if pinned else label
+    if base.endswith("-bare") or "-redis2" in base:
+        return None
+    return base + "-bare" + ("-pinned" if pinned else "")
+
+
+def ratios(runs):
+    """roomcast / bare for every run with a bare twin: rows of a table."""
+    by_label = {r.get("label"): r for r in runs if r.get("label")}
+    rows = []
+    for label, r in by_label.items():
+        twin = by_label.get(bare_label(label) or "")
+        if r.get("scenario") not in ("fanout", "rooms") or twin is None:
+            continue
+        lat, blat = r.get("latency_ms") or {}, twin.get("latency_ms") or {}
+        cpu = nodes_cpu(r.get("cost") or {}, "cpu_us_per_delivery")
+        bcpu = nodes_cpu(twin.get("cost") or {}, "cpu_us_per_delivery")
+
+        def pair(a, b):
+            if a is None or b is None:
+                return "-"
+            return f"{a:.2f} / {b:.2f} = {a / b:.2f}" if b else f"{a:.2f} / {b:.2f}"
+
+        rows.append((label,
+                     pair(lat.get("p50"), blat.get("p50")),
+                     pair(lat.get("p99"), blat.get("p99")),
+                     pair(lat.get("p99.9"), blat.get("p99.9")),
+                     pair(cpu and cpu[2], bcpu and bcpu[2])))
+    return rows
+
+
 def summary(runs):
     rows = [row(r) for r in runs]
     if not rows:
@@ -164,9 +199,16 @@ def summary(runs):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + ("\n\nLatencies in ms (resume rows: time to `joined`; stalls rows: how long "
+    text = "\n".join(lines) + ("\n\nLatencies in ms (resume rows: time to `joined`; stalls rows: how long "
                                 "the machine's own stalls delay work arriving at a random moment, or how long "
                                 "a burst of work took).\n")
+    pairs = ratios(runs)
+    if pairs:
+        text += ("\nroomcast / the bare reference server (`wsbench bare`), the same load minutes apart "
+                 "(below 1: roomcast did better):\n\n"
+                 "| run | p50 ms | p99 ms | p99.9 ms | server CPU µs/delivery |\n|---|---|---|---|---|\n")
+        text += "".join(f"| {' | '.join(p)} |\n" for p in pairs)
+    return text
 
 
 def chart(runs, path):
@@ -177,9 +219,15 @@ def chart(runs, path):
     import matplotlib.ticker
 
     series = {}
+    bare = []
     for r in runs:
         label = r.get("label") or ""
         if not label.startswith("sweep-") or r.get("scenario") != "fanout":
+            continue
+        if "-bare" in label:
+            lat = r.get("latency_ms") or {}
+            if lat.get("count"):
+                bare.append((r["params"]["rate"], lat["p99"]))
             continue
         setup = "2 nodes + Redis" if "-redis2" in label else "1 node"
         lat = r.get("latency_ms") or {}
@@ -212,6 +260,10 @@ def chart(runs, path):
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"offered load, messages/s published (x {subs} deliveries each)")
+        if bare:
+            bare.sort()
+            ax.plot([b[0] for b in bare], [b[1] for b in bare], "s--", color="grey", alpha=0.7,
+                    label="p99, bare reference server")
         if reference is not None:
             ax.axhline(reference[1], color="grey", linestyle="--", linewidth=1,
                        label=f"no server: {reference[0]:g} ms of work, p99")

@@ -4,8 +4,10 @@
 //! subscribers, a few publishers), `rooms` (many rooms, every client
 //! publishes and receives) and `resume` (a reconnect storm resuming from the
 //! last id), plus `stalls`, which measures the machine itself (how steadily
-//! its CPUs run). Each prints a table and one `RESULT {json}` line.
+//! its CPUs run), and `bare`, a reference server that does the least a
+//! server can. Each prints a table and one `RESULT {json}` line.
 
+mod bare;
 mod conn;
 mod frame;
 mod hist;
@@ -114,6 +116,11 @@ enum Scenario {
     Resume(scenarios::resume::ResumeArgs),
     /// No server: how steadily this machine's CPUs run (stalls of 1 ms windows)
     Stalls(scenarios::stalls::StallsArgs),
+    /// A reference server, not a scenario: the least a server can do for
+    /// `fanout` and `rooms` (one encode per message, one send per member),
+    /// to measure beside roomcast in the same run. Serves until SIGTERM or
+    /// --timeout
+    Bare(bare::BareArgs),
 }
 
 /// What every scenario gets.
@@ -275,6 +282,7 @@ fn main() {
             Scenario::Rooms(a) => scenarios::rooms::run(&ctx, a).await,
             Scenario::Resume(a) => scenarios::resume::run(&ctx, a).await,
             Scenario::Stalls(a) => scenarios::stalls::run(&ctx, a).await,
+            Scenario::Bare(a) => bare::run(&ctx, a).await,
         };
         let header = ctx.header(result["scenario"].as_str().unwrap_or("?"), &runtime_name);
         if let (Some(r), Some(h)) = (result.as_object_mut(), header.as_object()) {

@@ -1,6 +1,7 @@
-//! A lean WebSocket client connection for after the handshake: frames are
-//! read straight from a reused buffer (no allocation, no copy per message),
-//! text frames are written masked with one write each, pings are answered.
+//! WebSocket framing after the handshake: a [`Decoder`] for either side's
+//! frames (read straight from a reused buffer: no allocation, no copy per
+//! message), and a lean client connection on it: text frames are written
+//! masked with one write each, pings are answered.
 //!
 //! The generator shares the machine's cores with the server, so what it
 //! spends per received message shows up as latency: tokio-tungstenite does
@@ -12,11 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
+pub const OP_TEXT: u8 = 0x1;
 const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
+pub const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+pub const OP_PONG: u8 = 0xA;
 
 /// Largest frame accepted from the server.
 const MAX_FRAME: usize = 1 << 20;
@@ -116,31 +117,168 @@ fn parse_header(b: &[u8]) -> Result<Option<Header>, WireError> {
     }))
 }
 
-/// Appends a masked client frame to `out`.
-pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+/// Appends a frame to `out`: masked (a client's) with `Some(mask)`, else a
+/// server's.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) {
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     out.push(0x80 | opcode);
     let n = payload.len();
     if n < 126 {
-        out.push(0x80 | n as u8);
+        out.push(mask_bit | n as u8);
     } else if n <= u16::MAX as usize {
-        out.push(0x80 | 126);
+        out.push(mask_bit | 126);
         out.extend_from_slice(&(n as u16).to_be_bytes());
     } else {
-        out.push(0x80 | 127);
+        out.push(mask_bit | 127);
         out.extend_from_slice(&(n as u64).to_be_bytes());
     }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    match mask {
+        Some(mask) => {
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        }
+        None => out.extend_from_slice(payload),
+    }
 }
 
-pub struct Conn {
-    stream: TcpStream,
+/// Where a decoded message's bytes are (see [`Decoder::bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Unmasked, in the read buffer.
+    Buf(usize, usize),
+    /// Assembled from continuation frames.
+    Fragments,
+}
+
+/// A complete message or control frame out of [`Decoder::next`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// A text or binary message (UTF-8 is checked by [`Decoder::text`]).
+    Text(Span),
+    Ping(Span),
+    Pong,
+    /// A close frame: its code, if any, and the span of that code (to echo).
+    Close(Option<u16>, Span),
+}
+
+/// Frames out of a byte stream, client's or server's (masked payloads are
+/// unmasked in place): a reused buffer, no allocation or copy per message.
+/// It does no I/O: the owner reads into [`Decoder::spare`].
+pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
     end: usize,
     /// A message in continuation frames, until its final frame.
     fragments: Vec<u8>,
     fragmented: bool,
+}
+
+const READ_CHUNK: usize = 4096;
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+            fragments: Vec::new(),
+            fragmented: false,
+        }
+    }
+}
+
+impl Decoder {
+    /// The next complete message or control frame already read; None if
+    /// more bytes are needed.
+    pub fn next(&mut self) -> Result<Option<Decoded>, WireError> {
+        while let Some(h) = parse_header(&self.buf[self.start..self.end])? {
+            let total = h.header_len + h.payload_len;
+            if self.end - self.start < total {
+                if self.buf.len() < total {
+                    // A frame larger than the buffer: make room.
+                    self.compact();
+                    self.buf.resize(total.next_power_of_two(), 0);
+                }
+                return Ok(None);
+            }
+            let p0 = self.start + h.header_len;
+            let p1 = p0 + h.payload_len;
+            self.start += total;
+            if let Some(m) = h.mask {
+                for (i, b) in self.buf[p0..p1].iter_mut().enumerate() {
+                    *b ^= m[i & 3];
+                }
+            }
+            let span = Span::Buf(p0, p1);
+            match h.opcode {
+                OP_TEXT | OP_BINARY if h.fin && !self.fragmented => {
+                    return Ok(Some(Decoded::Text(span)))
+                }
+                OP_TEXT | OP_BINARY | OP_CONT => {
+                    if h.opcode != OP_CONT {
+                        self.fragments.clear();
+                        self.fragmented = true;
+                    }
+                    self.fragments.extend_from_slice(&self.buf[p0..p1]);
+                    if h.fin {
+                        self.fragmented = false;
+                        return Ok(Some(Decoded::Text(Span::Fragments)));
+                    }
+                }
+                OP_PING => return Ok(Some(Decoded::Ping(span))),
+                OP_PONG => return Ok(Some(Decoded::Pong)),
+                OP_CLOSE => {
+                    let code = (h.payload_len >= 2)
+                        .then(|| u16::from_be_bytes([self.buf[p0], self.buf[p0 + 1]]));
+                    let echo = Span::Buf(p0, p0 + h.payload_len.min(2));
+                    return Ok(Some(Decoded::Close(code, echo)));
+                }
+                _ => return Err(WireError::Protocol("unknown opcode")),
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn bytes(&self, span: Span) -> &[u8] {
+        match span {
+            Span::Buf(p0, p1) => &self.buf[p0..p1],
+            Span::Fragments => &self.fragments,
+        }
+    }
+
+    pub fn text(&self, span: Span) -> Result<&str, WireError> {
+        std::str::from_utf8(self.bytes(span)).map_err(|_| WireError::Protocol("invalid UTF-8"))
+    }
+
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Room to read into, after what is buffered (call once [`next`] gave
+    /// None: spans it handed out are invalid afterwards).
+    ///
+    /// [`next`]: Decoder::next
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.compact();
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into [`Decoder::spare`].
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    decoder: Decoder,
     out: Vec<u8>,
     /// Control frames (pongs) not yet written.
     pending: Vec<u8>,
@@ -148,17 +286,11 @@ pub struct Conn {
     closed: bool,
 }
 
-const READ_CHUNK: usize = 4096;
-
 impl Conn {
     pub fn new(stream: TcpStream, seed: u32) -> Conn {
         Conn {
             stream,
-            buf: vec![0; READ_CHUNK],
-            start: 0,
-            end: 0,
-            fragments: Vec::new(),
-            fragmented: false,
+            decoder: Decoder::default(),
             out: Vec::new(),
             pending: Vec::new(),
             mask_state: seed | 1,
@@ -183,15 +315,20 @@ impl Conn {
         if !self.pending.is_empty() {
             self.out.append(&mut self.pending);
         }
-        encode_frame(&mut self.out, OP_TEXT, text.as_bytes(), mask);
+        encode_frame(&mut self.out, OP_TEXT, text.as_bytes(), Some(mask));
         self.stream.write_all(&self.out).await?;
         Ok(())
     }
 
     /// Queues a control frame and writes what it can without waiting.
-    fn control(&mut self, opcode: u8, payload: &[u8]) {
+    fn control(&mut self, opcode: u8, span: Span) {
         let mask = self.next_mask();
-        encode_frame(&mut self.pending, opcode, payload, mask);
+        encode_frame(
+            &mut self.pending,
+            opcode,
+            self.decoder.bytes(span),
+            Some(mask),
+        );
         while !self.pending.is_empty() {
             match self.stream.try_write(&self.pending) {
                 Ok(n) => {
@@ -209,77 +346,25 @@ impl Conn {
             return Ok(Event::Eof);
         }
         loop {
-            // Whole frames already buffered.
-            while let Some(h) = parse_header(&self.buf[self.start..self.end])? {
-                let total = h.header_len + h.payload_len;
-                if self.end - self.start < total {
-                    if self.buf.len() < total {
-                        // A frame larger than the buffer: make room.
-                        self.buf.copy_within(self.start..self.end, 0);
-                        self.end -= self.start;
-                        self.start = 0;
-                        self.buf.resize(total.next_power_of_two(), 0);
-                    }
-                    break;
-                }
-                let p0 = self.start + h.header_len;
-                let p1 = p0 + h.payload_len;
-                self.start += total;
-                if let Some(m) = h.mask {
-                    for (i, b) in self.buf[p0..p1].iter_mut().enumerate() {
-                        *b ^= m[i & 3];
-                    }
-                }
-                match h.opcode {
-                    OP_TEXT | OP_BINARY if h.fin && !self.fragmented => {
-                        let text = std::str::from_utf8(&self.buf[p0..p1])
-                            .map_err(|_| WireError::Protocol("invalid UTF-8"))?;
-                        return Ok(Event::Text(text));
-                    }
-                    OP_TEXT | OP_BINARY | OP_CONT => {
-                        if h.opcode != OP_CONT {
-                            self.fragments.clear();
-                            self.fragmented = true;
-                        }
-                        self.fragments.extend_from_slice(&self.buf[p0..p1]);
-                        if h.fin {
-                            self.fragmented = false;
-                            let text = std::str::from_utf8(&self.fragments)
-                                .map_err(|_| WireError::Protocol("invalid UTF-8"))?;
-                            return Ok(Event::Text(text));
-                        }
-                    }
-                    OP_PING => {
-                        let payload = self.buf[p0..p1].to_vec();
-                        self.control(OP_PONG, &payload);
-                    }
-                    OP_PONG => {}
-                    OP_CLOSE => {
-                        let code = (h.payload_len >= 2)
-                            .then(|| u16::from_be_bytes([self.buf[p0], self.buf[p0 + 1]]));
+            while let Some(decoded) = self.decoder.next()? {
+                match decoded {
+                    Decoded::Text(span) => return self.decoder.text(span).map(Event::Text),
+                    Decoded::Ping(span) => self.control(OP_PONG, span),
+                    Decoded::Pong => {}
+                    Decoded::Close(code, echo) => {
                         // Echo the close, as the protocol asks; best effort.
-                        let echo = self.buf[p0..p0 + h.payload_len.min(2)].to_vec();
-                        self.control(OP_CLOSE, &echo);
+                        self.control(OP_CLOSE, echo);
                         self.closed = true;
                         return Ok(Event::Close(code));
                     }
-                    _ => return Err(WireError::Protocol("unknown opcode")),
                 }
             }
-            if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
-            } else if self.end == self.buf.len() {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            let n = self.stream.read(self.decoder.spare()).await?;
             if n == 0 {
                 self.closed = true;
                 return Ok(Event::Eof);
             }
-            self.end += n;
+            self.decoder.filled(n);
         }
     }
 }
@@ -325,7 +410,7 @@ mod tests {
     #[test]
     fn client_frames_are_masked() {
         let mut out = Vec::new();
-        encode_frame(&mut out, OP_TEXT, b"hello", [1, 2, 3, 4]);
+        encode_frame(&mut out, OP_TEXT, b"hello", Some([1, 2, 3, 4]));
         assert_eq!(out[0], 0x81);
         assert_eq!(out[1], 0x80 | 5);
         let h = parse_header(&out).unwrap().unwrap();
@@ -337,7 +422,7 @@ mod tests {
             .collect();
         assert_eq!(unmasked, b"hello");
         let mut long = Vec::new();
-        encode_frame(&mut long, OP_TEXT, &[b'x'; 200], [0; 4]);
+        encode_frame(&mut long, OP_TEXT, &[b'x'; 200], Some([0; 4]));
         assert_eq!(&long[..4], &[0x81, 0x80 | 126, 0, 200]);
     }
 
