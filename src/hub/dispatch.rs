@@ -32,6 +32,8 @@ pub struct Dispatcher {
     /// Rooms with frames held, and the mailboxes those frames corked.
     held_rooms: HashSet<Arc<str>>,
     held: Vec<Mailbox>,
+    /// The delivery being held, passed to the hub in a reused buffer.
+    holding: Vec<Delivery>,
     /// When the held frames are written.
     due: Option<Instant>,
 }
@@ -45,6 +47,7 @@ impl Dispatcher {
             next_prune: Instant::now(),
             held_rooms: HashSet::new(),
             held: Vec::new(),
+            holding: Vec::with_capacity(1),
             due: None,
         }
     }
@@ -101,7 +104,8 @@ impl Dispatcher {
                 let written = self.written.get(&room).copied().unwrap_or(now);
                 self.due = Some(written + self.delay);
             }
-            self.hub.queue_corked(&mut vec![delivery], &mut self.held);
+            self.holding.push(delivery);
+            self.hub.queue_corked(&mut self.holding, &mut self.held);
             self.held_rooms.insert(room);
         }
         self.write_at_once(&mut at_once, now).await;
