@@ -211,6 +211,10 @@ def summary(runs):
     return text
 
 
+# The bare server's p99 is drawn at most this high (ms).
+BARE_CLIP_MS = 1000
+
+
 def chart(runs, path):
     import matplotlib
 
@@ -244,6 +248,7 @@ def chart(runs, path):
         b = r.get("bursts") if r.get("scenario") == "stalls" else None
         if b and (b.get("took_ms") or {}).get("p99") is not None and r["params"]["burst_ms"] <= 5:
             reference = (r["params"]["burst_ms"], b["took_ms"]["p99"])
+    bare.sort()
     fig, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4.5), sharey=True, squeeze=False)
     for ax, (setup, pts) in zip(axes[0], sorted(series.items())):
         pts.sort(key=lambda p: p[0])
@@ -261,9 +266,16 @@ def chart(runs, path):
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"offered load, messages/s published (x {subs} deliveries each)")
         if bare:
-            bare.sort()
-            ax.plot([b[0] for b in bare], [b[1] for b in bare], "s--", color="grey", alpha=0.7,
+            # Past saturation the bare server's p99 is seconds: drawn at the
+            # top of the panel, with its value, so roomcast's curves keep
+            # their scale.
+            top = BARE_CLIP_MS
+            ax.plot([b[0] for b in bare], [min(b[1], top) for b in bare], "s--", color="grey", alpha=0.7,
                     label="p99, bare reference server")
+            for rate, p99 in bare:
+                if p99 > top:
+                    ax.annotate(f"{p99 / 1000:.1f} s", (rate, top), textcoords="offset points",
+                                xytext=(0, -14), ha="center", fontsize=8, color="grey")
         if reference is not None:
             ax.axhline(reference[1], color="grey", linestyle="--", linewidth=1,
                        label=f"no server: {reference[0]:g} ms of work, p99")

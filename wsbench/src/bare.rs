@@ -2,14 +2,18 @@
 //! run. It speaks only what wsbench's `fanout` and `rooms` need of protocol
 //! v1 (`welcome`; `join` → `joined`; `publish` → a `message` to every member
 //! and an `ack`; `leave`; `ping`) and does nothing else a real server must:
-//! no auth, history, presence, limits or broker. Each message is encoded
-//! once and written to each member with one non-blocking send, from the
-//! publisher's task; what a socket cannot take waits in its queue.
+//! no auth, history, presence, limits, broker or batching. Each message is
+//! encoded once and written to each member with one non-blocking send, from
+//! the publisher's task, over a snapshot of the room's members (so two
+//! publishers fan out at once, and their messages may reach members in
+//! different orders; each publisher's own stay in order); what a socket
+//! cannot take waits in its queue, written by the connection's task.
 //!
-//! So its figures are what this machine and kernel cost on their own (the
-//! "bare server" of the targets): roomcast's latency or CPU per delivery
-//! divided by the bare server's, measured minutes apart, says how much of a
-//! figure is roomcast's own, whatever the host does that hour.
+//! It is the naive server the issue's "bare server" figures describe, not
+//! a lower bound: below saturation its CPU per delivery is what the kernel
+//! costs per `send`, and its tails show what this host does to a server
+//! that does almost nothing; past ~200 frames per second per 1,000
+//! sockets it saturates, where a server that batches does not.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -17,20 +21,30 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, Request, Response,
 };
 
 use crate::wire::{encode_frame, Decoded, Decoder, WireError, OP_CLOSE, OP_PONG, OP_TEXT};
-use crate::Ctx;
+use crate::{lock, Ctx};
+
+/// Pending connections the kernel keeps (roomcast's nodes use the same).
+const LISTEN_BACKLOG: u32 = 4096;
+/// How long a client may take to send its upgrade request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the close echo may wait behind queued frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// A drained queue larger than this gives its memory back.
+const KEEP_QUEUE_CAPACITY: usize = 64 << 10;
 
 #[derive(Args)]
 pub struct BareArgs {
@@ -45,35 +59,49 @@ pub struct BareArgs {
 
 /// Serves until SIGTERM, SIGINT or `--timeout`, then reports its totals.
 pub async fn run(ctx: &Ctx, a: BareArgs) -> Value {
-    let listener = match TcpListener::bind(a.bind).await {
+    let listener = match listen(a.bind) {
         Ok(l) => l,
         Err(e) => {
             return json!({"scenario": "bare", "error": format!("cannot listen on {}: {e}", a.bind)})
         }
     };
-    let addr = listener.local_addr().map_or(a.bind, |addr| addr);
-    // For people and for scripts that start it on port 0.
+    let addr = listener.local_addr().unwrap_or(a.bind);
+    // Before the address is printed: a script may send SIGTERM right after.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     println!("wsbench bare listening on ws://{addr}/ws");
-    let server = Arc::new(Server::new(a.max_queued));
-    let stop = async {
-        let deadline = tokio::time::sleep_until(ctx.deadline);
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-                () = deadline => {}
-            },
-            Err(_) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                () = deadline => {}
-            },
+    let deadline = ctx.deadline;
+    let stop = async move {
+        let terminated = async {
+            match term {
+                Some(mut term) => {
+                    term.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = terminated => {}
+            _ = tokio::signal::ctrl_c() => {}
+            () = tokio::time::sleep_until(deadline) => {}
         }
     };
+    let server = Arc::new(Server::new(a.max_queued));
     server.clone().serve(listener, stop).await;
     let mut result = server.totals();
     result["scenario"] = json!("bare");
-    result["addr"] = json!(addr.to_string());
+    result["urls"] = json!([format!("ws://{addr}/ws")]);
     result
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 #[derive(Default)]
@@ -82,39 +110,49 @@ struct Counts {
     messages: AtomicU64,
     deliveries: AtomicU64,
     dropped_slow: AtomicU64,
+    write_errors: AtomicU64,
 }
 
 pub struct Server {
-    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    /// Rooms with members; a room's member list is replaced, never edited,
+    /// so a publisher can write to a snapshot of it without a lock.
+    rooms: Mutex<HashMap<String, Arc<Vec<Arc<Member>>>>>,
+    next_message: AtomicU64,
     counts: Counts,
     max_queued: usize,
 }
 
-#[derive(Default)]
-struct Room {
-    state: Mutex<RoomState>,
-}
-
-#[derive(Default)]
-struct RoomState {
-    members: Vec<Arc<Member>>,
-    seq: u64,
-}
-
-/// One connection's socket, shared by its own task (reads, replies) and
-/// publishers' tasks (deliveries); the `out` lock orders every write.
+/// One connection's socket, shared by its own task (reads, replies, the
+/// queue) and publishers' tasks (deliveries); the `out` lock orders every
+/// write.
 struct Member {
     id: u64,
     stream: TcpStream,
     out: Mutex<Out>,
-    /// Wakes the connection's task: bytes are queued, or it was dropped.
+    /// Wakes the connection's task: its queue was empty and is not, or the
+    /// connection was dropped.
     wake: Notify,
 }
 
 #[derive(Default)]
 struct Out {
     queued: Vec<u8>,
-    dropped: bool,
+    /// How much of `queued` is written.
+    written: usize,
+    ended: Option<Ended>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// More than `max_queued` waited to be written.
+    Slow,
+    WriteError,
+}
+
+impl Out {
+    fn backlog(&self) -> usize {
+        self.queued.len() - self.written
+    }
 }
 
 /// A client frame: only the fields this server reads.
@@ -128,10 +166,6 @@ struct ClientFrame<'a> {
     data: Option<&'a RawValue>,
     #[serde(rename = "ref", default, borrow)]
     reference: Option<&'a RawValue>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A server frame carrying `text`.
@@ -155,102 +189,83 @@ impl Member {
     /// Writes `frame` now if nothing is queued before it, else queues it.
     fn send(&self, frame: &[u8], max_queued: usize) {
         let mut out = lock(&self.out);
-        if out.dropped {
+        if out.ended.is_some() {
             return;
         }
+        let idle = out.backlog() == 0;
         let mut rest = frame;
-        if out.queued.is_empty() {
+        if idle {
             match self.stream.try_write(frame) {
                 Ok(n) => rest = &frame[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => out.dropped = true,
+                Err(_) => out.ended = Some(Ended::WriteError),
             }
         }
-        if !out.dropped && !rest.is_empty() {
-            if out.queued.len() + rest.len() > max_queued {
-                out.dropped = true;
+        if out.ended.is_none() && !rest.is_empty() {
+            if out.backlog() + rest.len() > max_queued {
+                out.ended = Some(Ended::Slow);
             } else {
                 out.queued.extend_from_slice(rest);
             }
         }
-        if out.dropped || !out.queued.is_empty() {
+        // The task only needs waking when there is something new to wait
+        // for: a queue that was empty, or the end.
+        if out.ended.is_some() || (idle && out.backlog() > 0) {
             self.wake.notify_one();
         }
     }
 
-    /// Writes what is queued, waiting for the socket as needed; an error
-    /// once the connection was dropped.
-    async fn flush(&self) -> io::Result<()> {
-        loop {
-            {
-                let mut out = lock(&self.out);
-                if out.dropped {
-                    return Err(io::ErrorKind::BrokenPipe.into());
-                }
-                while !out.queued.is_empty() {
-                    match self.stream.try_write(&out.queued) {
-                        Ok(n) => {
-                            out.queued.drain(..n);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            out.dropped = true;
-                            return Err(e);
-                        }
-                    }
-                }
-                if out.queued.is_empty() {
-                    out.queued = Vec::new();
-                    return Ok(());
-                }
+    /// Writes what is queued until the socket is full or the queue empty.
+    fn write_queued(&self) -> Result<(), Ended> {
+        let mut out = lock(&self.out);
+        if let Some(ended) = out.ended {
+            return Err(ended);
+        }
+        while out.backlog() > 0 {
+            let at = out.written;
+            match self.stream.try_write(&out.queued[at..]) {
+                Ok(0) => out.ended = Some(Ended::WriteError),
+                Ok(n) => out.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => out.ended = Some(Ended::WriteError),
             }
-            // A publisher may drop the connection meanwhile: wake for that too.
-            tokio::select! {
-                writable = self.stream.writable() => writable?,
-                () = self.wake.notified() => {}
+            if let Some(ended) = out.ended {
+                return Err(ended);
             }
         }
+        out.queued.clear();
+        out.written = 0;
+        if out.queued.capacity() > KEEP_QUEUE_CAPACITY {
+            out.queued = Vec::new();
+        }
+        Ok(())
     }
 
-    fn is_dropped(&self) -> bool {
-        lock(&self.out).dropped
+    fn has_backlog(&self) -> bool {
+        lock(&self.out).backlog() > 0
+    }
+
+    fn ended(&self) -> Option<Ended> {
+        lock(&self.out).ended
+    }
+
+    /// Writes the whole queue, waiting for the socket as needed.
+    async fn drain(&self) -> Result<(), Ended> {
+        while self.has_backlog() {
+            self.stream
+                .writable()
+                .await
+                .map_err(|_| Ended::WriteError)?;
+            self.write_queued()?;
+        }
+        Ok(())
     }
 }
 
-impl Room {
-    /// Sends `data` from `from` to every member; the message's id.
-    fn publish(&self, name: &str, from: &str, data: &RawValue, server: &Server) -> String {
-        let mut state = lock(&self.state);
-        state.seq += 1;
-        let id = format!("{}-{}", crate::frame::now_us() / 1000, state.seq);
-        let frame = text_frame(&format!(
-            "{{\"type\":\"message\",\"room\":{},\"id\":\"{id}\",\"from\":{from},\"data\":{}}}",
-            quoted(name),
-            data.get()
-        ));
-        for member in &state.members {
-            member.send(&frame, server.max_queued);
-        }
-        let members = state.members.len() as u64;
-        drop(state);
-        server.counts.messages.fetch_add(1, Ordering::Relaxed);
-        server
-            .counts
-            .deliveries
-            .fetch_add(members, Ordering::Relaxed);
-        id
-    }
-
-    fn join(&self, member: &Arc<Member>) {
-        let mut state = lock(&self.state);
-        if !state.members.iter().any(|m| m.id == member.id) {
-            state.members.push(member.clone());
-        }
-    }
-
-    fn leave(&self, id: u64) {
-        lock(&self.state).members.retain(|m| m.id != id);
-    }
+/// What a connection's task does after a frame.
+enum Next {
+    Continue,
+    Close,
 }
 
 /// Takes the `user` query parameter of the upgrade request (as wsbench
@@ -267,16 +282,11 @@ impl Callback for UserOf<'_> {
     }
 }
 
-/// What a connection's task does after a frame.
-enum Next {
-    Continue,
-    Close,
-}
-
 impl Server {
     pub fn new(max_queued: usize) -> Server {
         Server {
             rooms: Mutex::new(HashMap::new()),
+            next_message: AtomicU64::new(0),
             counts: Counts::default(),
             max_queued,
         }
@@ -295,7 +305,7 @@ impl Server {
                         tokio::spawn(self.clone().connection(next_id, stream));
                     }
                     // Out of files, most likely: let some connections end.
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 },
             }
         }
@@ -308,24 +318,68 @@ impl Server {
             "messages": c.messages.load(Ordering::Relaxed),
             "deliveries": c.deliveries.load(Ordering::Relaxed),
             "dropped_slow": c.dropped_slow.load(Ordering::Relaxed),
+            "write_errors": c.write_errors.load(Ordering::Relaxed),
+            "rooms": lock(&self.rooms).len(),
         })
     }
 
-    fn room(&self, name: &str) -> Arc<Room> {
+    fn join(&self, room: &str, member: &Arc<Member>) {
         let mut rooms = lock(&self.rooms);
-        match rooms.get(name) {
-            Some(room) => room.clone(),
-            None => rooms.entry(name.to_string()).or_default().clone(),
+        let members = rooms.entry(room.to_string()).or_default();
+        if !members.iter().any(|m| m.id == member.id) {
+            let mut more = Vec::with_capacity(members.len() + 1);
+            more.extend(members.iter().cloned());
+            more.push(member.clone());
+            *members = Arc::new(more);
         }
+    }
+
+    fn leave(&self, room: &str, id: u64) {
+        let mut rooms = lock(&self.rooms);
+        let Some(members) = rooms.get_mut(room) else {
+            return;
+        };
+        let rest: Vec<Arc<Member>> = members.iter().filter(|m| m.id != id).cloned().collect();
+        if rest.is_empty() {
+            rooms.remove(room);
+        } else {
+            *members = Arc::new(rest);
+        }
+    }
+
+    /// Sends `data` from `from` to every member of `room`; the message's id.
+    fn publish(&self, room: &str, from: &str, data: &RawValue) -> String {
+        let seq = self.next_message.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{}-{seq}", crate::frame::now_us() / 1000);
+        let members = lock(&self.rooms).get(room).cloned();
+        let mut delivered = 0;
+        if let Some(members) = members {
+            let frame = text_frame(&format!(
+                "{{\"type\":\"message\",\"room\":{},\"id\":\"{id}\",\"from\":{from},\"data\":{}}}",
+                quoted(room),
+                data.get()
+            ));
+            for member in members.iter() {
+                member.send(&frame, self.max_queued);
+            }
+            delivered = members.len() as u64;
+        }
+        self.counts.messages.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+        id
     }
 
     async fn connection(self: Arc<Self>, id: u64, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let mut user = String::from("anon");
-        let handshake = tokio_tungstenite::accept_hdr_async(stream, UserOf(&mut user)).await;
+        let handshake = tokio_tungstenite::accept_hdr_async(stream, UserOf(&mut user));
         // The client says nothing before the welcome, so nothing is left
         // in tungstenite's buffer: the socket goes on bare.
-        let Ok(ws) = handshake else { return };
+        let Ok(Ok(ws)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await else {
+            return;
+        };
         self.counts.connections.fetch_add(1, Ordering::Relaxed);
         let member = Arc::new(Member {
             id,
@@ -340,9 +394,10 @@ impl Server {
             )),
             self.max_queued,
         );
-        let mut joined: Vec<Arc<Room>> = Vec::new();
+        let mut joined: Vec<String> = Vec::new();
         let mut decoder = Decoder::default();
         loop {
+            let backlog = member.has_backlog();
             tokio::select! {
                 readable = member.stream.readable() => {
                     if readable.is_err() {
@@ -354,25 +409,37 @@ impl Server {
                             decoder.filled(n);
                             match self.frames(&member, &from, &mut decoder, &mut joined) {
                                 Ok(Next::Continue) => {}
-                                Ok(Next::Close) | Err(_) => break,
+                                Ok(Next::Close) => {
+                                    let _ = tokio::time::timeout(CLOSE_GRACE, member.drain()).await;
+                                    break;
+                                }
+                                Err(_) => break,
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => break,
                     }
                 }
+                writable = member.stream.writable(), if backlog => {
+                    if writable.is_err() || member.write_queued().is_err() {
+                        break;
+                    }
+                }
+                // Frames were queued, or the connection dropped: look again.
                 () = member.wake.notified() => {
-                    if member.flush().await.is_err() {
+                    if member.ended().is_some() {
                         break;
                     }
                 }
             }
         }
-        if member.is_dropped() {
-            self.counts.dropped_slow.fetch_add(1, Ordering::Relaxed);
-        }
-        for room in joined {
-            room.leave(id);
+        match member.ended() {
+            Some(Ended::Slow) => self.counts.dropped_slow.fetch_add(1, Ordering::Relaxed),
+            Some(Ended::WriteError) => self.counts.write_errors.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        for room in &joined {
+            self.leave(room, id);
         }
     }
 
@@ -382,7 +449,7 @@ impl Server {
         member: &Arc<Member>,
         from: &str,
         decoder: &mut Decoder,
-        joined: &mut Vec<Arc<Room>>,
+        joined: &mut Vec<String>,
     ) -> Result<Next, WireError> {
         while let Some(decoded) = decoder.next()? {
             match decoded {
@@ -413,7 +480,7 @@ impl Server {
         member: &Arc<Member>,
         from: &str,
         text: &str,
-        joined: &mut Vec<Arc<Room>>,
+        joined: &mut Vec<String>,
     ) -> String {
         let error = |code: &str, message: &str, reference: Option<&RawValue>| {
             format!(
@@ -427,14 +494,12 @@ impl Server {
             Err(e) => return error("bad_request", &format!("not a protocol frame: {e}"), None),
         };
         let reference = frame.reference;
-        let room_name = frame.room.as_deref();
-        match (frame.ty.as_ref(), room_name) {
+        match (frame.ty.as_ref(), frame.room.as_deref()) {
             ("ping", _) => format!("{{\"type\":\"pong\"{}}}", ref_field(reference)),
             ("join", Some(name)) => {
-                let room = self.room(name);
-                room.join(member);
-                if !joined.iter().any(|r| Arc::ptr_eq(r, &room)) {
-                    joined.push(room);
+                self.join(name, member);
+                if !joined.iter().any(|r| r == name) {
+                    joined.push(name.to_string());
                 }
                 format!(
                     "{{\"type\":\"joined\",\"room\":{},\"recovered\":false,\"replayed\":0{}}}",
@@ -443,11 +508,8 @@ impl Server {
                 )
             }
             ("leave", Some(name)) => {
-                let room = lock(&self.rooms).get(name).cloned();
-                if let Some(room) = room {
-                    room.leave(member.id);
-                    joined.retain(|r| !Arc::ptr_eq(r, &room));
-                }
+                self.leave(name, member.id);
+                joined.retain(|r| r != name);
                 format!(
                     "{{\"type\":\"left\",\"room\":{}{}}}",
                     quoted(name),
@@ -456,13 +518,17 @@ impl Server {
             }
             ("publish", Some(name)) => match frame.data {
                 Some(data) => {
-                    let id = self.room(name).publish(name, from, data, self);
+                    let id = self.publish(name, from, data);
                     format!(
                         "{{\"type\":\"ack\",\"id\":\"{id}\"{}}}",
                         ref_field(reference)
                     )
                 }
-                None => error("bad_request", "publish needs data", reference),
+                None => error(
+                    "bad_request",
+                    "publish needs data (the bare reference server takes no null)",
+                    reference,
+                ),
             },
             ("join" | "leave" | "publish", None) => {
                 error("bad_request", "this frame needs a room", reference)
@@ -478,16 +544,19 @@ impl Server {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
 
     use super::*;
     use crate::conn::{join, Connector, Target, Ws};
     use crate::frame::{parse, publish_frame, Frame, ParseMode};
     use crate::wire::Event;
 
+    const WAIT: Duration = Duration::from_secs(10);
+
     /// A bare server on a free port, and a connector for it.
     async fn start(max_queued: usize) -> (Arc<Server>, Connector, SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let server = Arc::new(Server::new(max_queued));
         tokio::spawn(server.clone().serve(listener, std::future::pending()));
@@ -495,19 +564,33 @@ mod tests {
             targets: vec![Target::parse(&format!("ws://{addr}/ws")).unwrap()],
             source_ips: 0,
             source_offset: 0,
-            timeout: Duration::from_secs(10),
+            timeout: WAIT,
             retries: 0,
             parse: ParseMode::Fast,
         };
         (server, connector, addr)
     }
 
-    async fn next_frame(ws: &mut Ws) -> Frame {
-        let wait = tokio::time::timeout(Duration::from_secs(10), ws.recv());
+    async fn next_text(ws: &mut Ws) -> String {
+        let wait = tokio::time::timeout(WAIT, ws.recv());
         match wait.await.expect("a frame within 10 s").expect("a frame") {
-            Event::Text(t) => parse(ParseMode::Fast, t),
+            Event::Text(t) => t.to_string(),
             other => panic!("expected a text frame, got {other:?}"),
         }
+    }
+
+    async fn next_frame(ws: &mut Ws) -> Frame {
+        parse(ParseMode::Fast, &next_text(ws).await)
+    }
+
+    /// Waits until `totals()[key]` is `want` (a connection's task may
+    /// still be ending).
+    async fn totals_reach(server: &Server, key: &str, want: u64) {
+        let started = std::time::Instant::now();
+        while server.totals()[key] != json!(want) && started.elapsed() < WAIT {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(server.totals()[key], json!(want), "{key}");
     }
 
     #[tokio::test]
@@ -516,9 +599,7 @@ mod tests {
         let mut members = Vec::new();
         for i in 0..3 {
             let mut ws = connector.connect(i, "sub").await.unwrap().ws;
-            join(&mut ws, "r", ParseMode::Fast, Duration::from_secs(10))
-                .await
-                .unwrap();
+            join(&mut ws, "r", ParseMode::Fast, WAIT).await.unwrap();
             members.push(ws);
         }
         let mut publisher = connector.connect(3, "pub").await.unwrap().ws;
@@ -547,29 +628,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_room_is_forgotten_when_its_last_member_leaves() {
+        let (server, connector, _) = start(1 << 20).await;
+        let mut ws = connector.connect(0, "amy").await.unwrap().ws;
+        join(&mut ws, "r", ParseMode::Fast, WAIT).await.unwrap();
+        assert_eq!(server.totals()["rooms"], json!(1));
+        ws.send_text(r#"{"type":"leave","room":"r"}"#)
+            .await
+            .unwrap();
+        assert!(next_text(&mut ws).await.starts_with(r#"{"type":"left""#));
+        assert_eq!(server.totals()["rooms"], json!(0));
+        ws.send_text(&publish_frame("r", &[0, 1, 0], "", 2))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_frame(&mut ws).await,
+            Frame::Ack { reference: Some(2) },
+            "a room without members takes the message and delivers it to nobody"
+        );
+        assert_eq!(server.totals()["deliveries"], json!(0));
+        join(&mut ws, "q", ParseMode::Fast, WAIT).await.unwrap();
+        drop(ws);
+        totals_reach(&server, "rooms", 0).await;
+    }
+
+    #[tokio::test]
     async fn frames_it_does_not_serve_get_an_error_naming_them() {
         let (_, connector, _) = start(1 << 20).await;
         let mut ws = connector.connect(0, "amy").await.unwrap().ws;
         ws.send_text(r#"{"type":"presence","room":"r","ref":9}"#)
             .await
             .unwrap();
-        match tokio::time::timeout(Duration::from_secs(10), ws.recv())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event::Text(t) => {
-                assert!(t.contains("presence"), "{t}");
-                assert_eq!(
-                    parse(ParseMode::Fast, t),
-                    Frame::Error {
-                        code: "bad_request".into(),
-                        reference: Some(9)
-                    }
-                );
+        let text = next_text(&mut ws).await;
+        assert!(text.contains("presence"), "{text}");
+        assert_eq!(
+            parse(ParseMode::Fast, &text),
+            Frame::Error {
+                code: "bad_request".into(),
+                reference: Some(9)
             }
-            other => panic!("{other:?}"),
-        }
+        );
         ws.send_text("not json").await.unwrap();
         assert!(matches!(
             next_frame(&mut ws).await,
@@ -581,12 +679,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pings_are_answered_and_a_close_is_echoed() {
+        let (_, _, addr) = start(1 << 20).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream)
+            .await
+            .unwrap();
+        let welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+        assert!(welcome
+            .unwrap()
+            .unwrap()
+            .to_text()
+            .unwrap()
+            .contains("\"welcome\""));
+        ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
+        let pong = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+        assert_eq!(pong.unwrap().unwrap(), Message::Pong(b"hi".to_vec().into()));
+        ws.close(None).await.unwrap();
+        let closed = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+        assert!(
+            matches!(closed, Some(Ok(Message::Close(_)))),
+            "the close is echoed: {closed:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_member_that_does_not_read_is_dropped_past_its_queue_limit() {
         let (server, connector, _) = start(64 << 10).await;
         let mut slow = connector.connect(0, "slow").await.unwrap().ws;
-        join(&mut slow, "r", ParseMode::Fast, Duration::from_secs(10))
-            .await
-            .unwrap();
+        join(&mut slow, "r", ParseMode::Fast, WAIT).await.unwrap();
         let mut publisher = connector.connect(1, "pub").await.unwrap().ws;
         let pad = "x".repeat(60_000);
         // Far more than the socket buffers and the 64 KiB queue hold.
@@ -603,10 +724,8 @@ mod tests {
                 break;
             }
         }
-        let started = std::time::Instant::now();
-        while server.totals()["dropped_slow"] != json!(1) && started.elapsed().as_secs() < 10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(server.totals()["dropped_slow"], json!(1));
+        totals_reach(&server, "dropped_slow", 1).await;
+        assert_eq!(server.totals()["write_errors"], json!(0));
+        totals_reach(&server, "rooms", 0).await;
     }
 }

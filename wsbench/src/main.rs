@@ -89,6 +89,12 @@ pub struct Common {
     pub wait_quiet: f64,
 }
 
+/// Locks `m`, whatever a panicking holder left behind (counters and lists,
+/// valid at every step).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Waits (up to `max`) for a second in which all CPUs were under 20% busy.
 /// Returns the busy percentage of the last second measured.
 fn wait_quiet(max: Duration) -> Option<f64> {

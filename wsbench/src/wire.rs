@@ -19,7 +19,7 @@ pub const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
-/// Largest frame accepted from the server.
+/// Largest frame, or message of several frames, accepted from the peer.
 const MAX_FRAME: usize = 1 << 20;
 
 /// What a read produced.
@@ -210,14 +210,24 @@ impl Decoder {
                 }
             }
             let span = Span::Buf(p0, p1);
+            if h.opcode >= OP_CLOSE && (!h.fin || h.payload_len > 125) {
+                return Err(WireError::Protocol("fragmented or long control frame"));
+            }
             match h.opcode {
-                OP_TEXT | OP_BINARY if h.fin && !self.fragmented => {
-                    return Ok(Some(Decoded::Text(span)))
+                OP_TEXT | OP_BINARY if self.fragmented => {
+                    return Err(WireError::Protocol("new message inside a fragmented one"))
                 }
+                OP_CONT if !self.fragmented => {
+                    return Err(WireError::Protocol("continuation without a message"))
+                }
+                OP_TEXT | OP_BINARY if h.fin => return Ok(Some(Decoded::Text(span))),
                 OP_TEXT | OP_BINARY | OP_CONT => {
                     if h.opcode != OP_CONT {
                         self.fragments.clear();
                         self.fragmented = true;
+                    }
+                    if self.fragments.len() + h.payload_len > MAX_FRAME {
+                        return Err(WireError::Protocol("message too large"));
                     }
                     self.fragments.extend_from_slice(&self.buf[p0..p1]);
                     if h.fin {
@@ -374,19 +384,100 @@ mod tests {
     use super::*;
 
     fn server_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
-        let n = payload.len();
-        if n < 126 {
-            v.push(n as u8);
-        } else if n <= 0xFFFF {
-            v.push(126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
+        let mut v = Vec::new();
+        encode_frame(&mut v, opcode, payload, None);
+        if !fin {
+            v[0] &= 0x7F;
         }
-        v.extend_from_slice(payload);
         v
+    }
+
+    /// Feeds `bytes` to `d` in pieces of `step`, collecting what it decodes
+    /// (texts as strings, others by name).
+    fn decode_all(d: &mut Decoder, bytes: &[u8], step: usize) -> Result<Vec<String>, WireError> {
+        let mut out = Vec::new();
+        for piece in bytes.chunks(step) {
+            let spare = d.spare();
+            spare[..piece.len()].copy_from_slice(piece);
+            d.filled(piece.len());
+            while let Some(decoded) = d.next()? {
+                out.push(match decoded {
+                    Decoded::Text(span) => d.text(span)?.to_string(),
+                    Decoded::Ping(span) => format!("ping:{}", d.text(span)?),
+                    Decoded::Pong => "pong".into(),
+                    Decoded::Close(code, _) => format!("close:{code:?}"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn the_decoder_unmasks_client_frames_split_anywhere_and_grows_for_big_ones() {
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, OP_TEXT, b"hello", Some([9, 8, 7, 6]));
+        encode_frame(&mut bytes, OP_PING, b"p", Some([1, 2, 3, 4]));
+        let big = "b".repeat(10_000);
+        encode_frame(&mut bytes, OP_TEXT, big.as_bytes(), Some([5, 5, 5, 5]));
+        encode_frame(
+            &mut bytes,
+            OP_CLOSE,
+            &1000u16.to_be_bytes(),
+            Some([0, 1, 0, 1]),
+        );
+        for step in [1, 3, 4096] {
+            let got = decode_all(&mut Decoder::default(), &bytes, step).unwrap();
+            assert_eq!(
+                got,
+                [
+                    "hello".to_string(),
+                    "ping:p".into(),
+                    big.clone(),
+                    "close:Some(1000)".into()
+                ],
+                "read {step} bytes at a time"
+            );
+        }
+    }
+
+    #[test]
+    fn the_decoder_refuses_broken_fragments_and_control_frames() {
+        let decode =
+            |frames: &[Vec<u8>]| decode_all(&mut Decoder::default(), &frames.concat(), 4096);
+        assert_eq!(
+            decode(&[
+                server_frame(OP_TEXT, false, b"a"),
+                server_frame(OP_CONT, true, b"b")
+            ]),
+            Ok(vec!["ab".to_string()])
+        );
+        assert_eq!(
+            decode(&[server_frame(OP_CONT, true, b"b")]),
+            Err(WireError::Protocol("continuation without a message"))
+        );
+        assert_eq!(
+            decode(&[
+                server_frame(OP_TEXT, false, b"a"),
+                server_frame(OP_TEXT, true, b"b")
+            ]),
+            Err(WireError::Protocol("new message inside a fragmented one"))
+        );
+        assert_eq!(
+            decode(&[server_frame(OP_PING, false, b"p")]),
+            Err(WireError::Protocol("fragmented or long control frame"))
+        );
+        assert_eq!(
+            decode(&[server_frame(OP_PING, true, &[0; 126])]),
+            Err(WireError::Protocol("fragmented or long control frame"))
+        );
+        let half = vec![b'x'; MAX_FRAME / 2 + 1];
+        assert_eq!(
+            decode(&[
+                server_frame(OP_TEXT, false, &half),
+                server_frame(OP_CONT, true, &half)
+            ]),
+            Err(WireError::Protocol("message too large"))
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl Stop {
     }
 
     fn senders(&self) -> std::sync::MutexGuard<'_, Vec<oneshot::Sender<()>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.0)
     }
 }
 
