@@ -103,6 +103,11 @@ def row(r):
         notes.append(f"connect {c.get('per_second')}/s p99 {c.get('ms', {}).get('p99')} ms, failed {c.get('failed')}")
         if c.get("tcp_counters"):
             notes.append(f"tcp {c['tcp_counters']}")
+    elif sc == "bare":
+        # The reference server's own totals, written when it stopped.
+        notes.append(f"bare server totals: {r.get('connections')} connections, {r.get('messages')} messages, "
+                     f"{r.get('deliveries')} deliveries; dropped slow {r.get('dropped_slow')}, "
+                     f"write errors {r.get('write_errors')}")
     elif sc == "stalls" and r.get("error"):
         pass  # reported below
     elif sc == "stalls" and r.get("bursts"):
