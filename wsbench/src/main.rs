@@ -4,8 +4,9 @@
 //! subscribers, a few publishers), `rooms` (many rooms, every client
 //! publishes and receives) and `resume` (a reconnect storm resuming from the
 //! last id), plus `stalls`, which measures the machine itself (how steadily
-//! its CPUs run), and `bare`, a reference server that does the least a
-//! server can. Each prints a table and one `RESULT {json}` line.
+//! its CPUs run), and `bare`, a naive reference server (one encode per
+//! message, one send per member). Each prints a table and one `RESULT
+//! {json}` line.
 
 mod bare;
 mod conn;
@@ -122,8 +123,8 @@ enum Scenario {
     Resume(scenarios::resume::ResumeArgs),
     /// No server: how steadily this machine's CPUs run (stalls of 1 ms windows)
     Stalls(scenarios::stalls::StallsArgs),
-    /// A reference server, not a scenario: the least a server can do for
-    /// `fanout` and `rooms` (one encode per message, one send per member),
+    /// A naive reference server, not a scenario: enough of the protocol for
+    /// `fanout` and `rooms`, one encode per message and one send per member,
     /// to measure beside roomcast in the same run. Serves until SIGTERM or
     /// --timeout
     Bare(bare::BareArgs),

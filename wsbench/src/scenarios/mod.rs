@@ -22,18 +22,14 @@ impl Stop {
     /// Resolves once [`stop`](Self::stop) is called or the `Stop` dropped.
     pub fn subscribe(&self) -> oneshot::Receiver<()> {
         let (stop, stopped) = oneshot::channel();
-        self.senders().push(stop);
+        crate::lock(&self.0).push(stop);
         stopped
     }
 
     pub fn stop(&self) {
-        for stop in self.senders().drain(..) {
+        for stop in crate::lock(&self.0).drain(..) {
             let _ = stop.send(());
         }
-    }
-
-    fn senders(&self) -> std::sync::MutexGuard<'_, Vec<oneshot::Sender<()>>> {
-        crate::lock(&self.0)
     }
 }
 
