@@ -108,6 +108,13 @@ def row(r):
         notes.append(f"bare server totals: {r.get('connections')} connections, {r.get('messages')} messages, "
                      f"{r.get('deliveries')} deliveries; dropped slow {r.get('dropped_slow')}, "
                      f"write errors {r.get('write_errors')}")
+    elif sc == "instructions":
+        # User-space instructions counted by callgrind (kernel work apart).
+        i = r.get("instructions") or {}
+        notes.append(f"{r.get('server')}: {fmt(i.get('per_delivery'), 0)} instructions per delivery, "
+                     f"{fmt(i.get('per_message'), 0)} per message (user space, callgrind)")
+        if not r.get("all_delivered_once"):
+            notes.append("NOT every message delivered once")
     elif sc == "stalls" and r.get("error"):
         pass  # reported below
     elif sc == "stalls" and r.get("bursts"):
@@ -207,13 +214,42 @@ def summary(runs):
     text = "\n".join(lines) + ("\n\nLatencies in ms (resume rows: time to `joined`; stalls rows: how long "
                                 "the machine's own stalls delay work arriving at a random moment, or how long "
                                 "a burst of work took).\n")
-    pairs = ratios(runs)
-    if pairs:
-        text += ("\nroomcast / the bare reference server (`wsbench bare`), the same load minutes apart "
-                 "(below 1: roomcast did better):\n\n"
-                 "| run | p50 ms | p99 ms | p99.9 ms | server CPU µs/delivery |\n|---|---|---|---|---|\n")
-        text += "".join(f"| {' | '.join(p)} |\n" for p in pairs)
+    text += table("roomcast / the bare reference server (`wsbench bare`), the same load minutes apart "
+                  "(below 1: roomcast did better):",
+                  ("run", "p50 ms", "p99 ms", "p99.9 ms", "server CPU µs/delivery"), ratios(runs))
+    text += table("User-space instructions (callgrind; the kernel's TCP path is not counted), "
+                  "the difference between a short and a long run of each load:",
+                  ("load", "server", "per delivery", "per message"), instruction_table(runs))
     return text
+
+
+def table(title, header, rows):
+    """A titled Markdown table of `rows`, or nothing when there are none."""
+    if not rows:
+        return ""
+    lines = [f"\n{title}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def instruction_table(runs):
+    """The instructions records: rows of load, server, per delivery, per
+    message (roomcast's with its ratio to the bare server's, when there is one)."""
+    counted = [r for r in runs if r.get("scenario") == "instructions"]
+    bare = {r["label"].rsplit("-", 1)[0]: r["instructions"] for r in counted if r.get("server") == "bare"}
+    rows = []
+    for r in counted:
+        i = r["instructions"]
+        load = r["label"].removeprefix("instructions-").split("-")[0]
+        twin = bare.get(f"instructions-{load}") if r.get("server") != "bare" else None
+
+        def cell(key):
+            if twin and twin.get(key):
+                return f"{i[key]:.0f} ({i[key] / twin[key]:.2f}x bare)"
+            return f"{i[key]:.0f}"
+
+        rows.append((load, r.get("server", "-"), cell("per_delivery"), cell("per_message")))
+    return rows
 
 
 # The bare server's p99 is drawn at most this high (ms).
