@@ -172,7 +172,7 @@ impl Stats {
         recorder.describe_histogram(
             FANOUT_SECONDS.into(),
             Some(Unit::Seconds),
-            "Time to hand one delivery to every local recipient's queue".into(),
+            "Time to hand a batch of deliveries to every local recipient: written at once, or queued for a WRITE_DELAY flush".into(),
         );
         recorder.describe_histogram(
             MESSAGE_BYTES.into(),

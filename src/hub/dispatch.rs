@@ -266,6 +266,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn held_frames_are_timed_as_fan_outs_when_queued() {
+        let (hub, _peer) = member().await;
+        let stats = hub.stats.clone();
+        let fan_outs = || {
+            let text = stats.render_prometheus(&[]);
+            text.lines()
+                .find_map(|line| line.strip_prefix("roomcast_fanout_seconds_count "))
+                .map(|count| count.trim().to_string())
+        };
+        let mut dispatcher = Dispatcher::new(hub, Duration::from_millis(10));
+        let start = Instant::now();
+        dispatch(&mut dispatcher, frame("r", 1), start).await;
+        assert_eq!(fan_outs().as_deref(), Some("1"), "written at once");
+        dispatch(
+            &mut dispatcher,
+            frame("r", 2),
+            start + Duration::from_millis(1),
+        )
+        .await;
+        assert!(dispatcher.due().is_some(), "r2 is held");
+        assert_eq!(fan_outs().as_deref(), Some("2"), "r2 queued, and timed");
+    }
+
+    #[tokio::test]
     async fn without_a_delay_every_frame_is_written_at_once() {
         let (hub, peer) = member().await;
         let mut dispatcher = Dispatcher::new(hub, Duration::ZERO);

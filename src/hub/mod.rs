@@ -303,8 +303,10 @@ impl Hub {
 
     /// Queues every delivery (emptying `deliveries`) without writing: the
     /// mailboxes this corks are added to `corked`, for [`flush`](Self::flush).
-    /// Until then anything else for those connections queues behind.
+    /// Until then anything else for those connections queues behind. Timed
+    /// as a fan-out, like [`dispatch_all`](Self::dispatch_all).
     pub fn queue_corked(&self, deliveries: &mut Vec<Delivery>, corked: &mut Vec<Mailbox>) {
+        let started = Instant::now();
         let registry = self.read();
         let stats = &*self.stats;
         let mut queue = |mailbox: &Mailbox, item: Outbound| {
@@ -345,6 +347,8 @@ impl Hub {
                 }
             }
         }
+        drop(registry);
+        self.stats.record_fanout(started.elapsed());
     }
 
     /// Writes corked mailboxes, each once, with everything they gathered.
