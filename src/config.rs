@@ -86,7 +86,8 @@ pub struct Config {
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
 
-    /// Outbound queue per connection, in messages; a client that lets it fill is closed with 4008.
+    /// Outbound queue per connection, in messages (a join's catch-up comes on top); a client that
+    /// lets it fill is closed with 4008.
     #[arg(long, env = "CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
 

@@ -35,6 +35,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// The client kept sending far above its rate limit.
     pub const RATE_LIMITED: u16 = 4029;
+    /// Stands for a close frame without a code; never sent (RFC 6455 §7.4.1).
+    pub const NO_STATUS: u16 = 1005;
 }
 
 /// Longest accepted room name, in bytes.

@@ -30,7 +30,7 @@ use crate::hub::{
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
-    encode_error, now_ms, parse_client_frame, CatchUp, ErrorCode, MessageTemplate, Parsed,
+    close, encode_error, now_ms, parse_client_frame, CatchUp, ErrorCode, MessageTemplate, Parsed,
     Rejection, Request, ServerFrame,
 };
 
@@ -269,7 +269,7 @@ impl Reader<'_> {
             tokio::select! {
                 biased;
                 reason = poll_fn(|cx| close.poll_closed(cx)) => {
-                    if reason.send_frame {
+                    if reason.send_frame && !reason.by_peer {
                         Box::pin(await_peer_close(&mut self.socket)).await;
                     }
                     return reason;
@@ -323,7 +323,7 @@ impl Reader<'_> {
                 None
             }
             Message::Close(frame) => Some(CloseReason::by_peer(
-                frame.map(|f| u16::from(f.code)).unwrap_or(1005),
+                frame.map_or(close::NO_STATUS, |f| u16::from(f.code)),
             )),
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
         }

@@ -9,13 +9,17 @@ use futures::task::AtomicWaker;
 use crate::protocol::close;
 
 /// Why a connection closes: the code and text of the close frame the server
-/// sends, or none when the peer closed or vanished.
+/// sends, the peer's code when it closed first, or none when it vanished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReason {
     pub code: u16,
     pub text: &'static str,
-    /// False when the peer is gone or closed first: nothing left to send.
+    /// False when the peer is gone: nothing can be sent.
     pub send_frame: bool,
+    /// The peer closed first: what is queued still goes out, then the
+    /// server's close frame answers the peer's (RFC 6455 §5.5.1), and no
+    /// further close is awaited from the peer.
+    pub by_peer: bool,
 }
 
 impl CloseReason {
@@ -24,6 +28,7 @@ impl CloseReason {
             code,
             text,
             send_frame: true,
+            by_peer: false,
         }
     }
 
@@ -54,7 +59,8 @@ impl CloseReason {
         CloseReason {
             code,
             text: "closed by client",
-            send_frame: false,
+            send_frame: true,
+            by_peer: true,
         }
     }
 
@@ -63,6 +69,7 @@ impl CloseReason {
         code: 1006,
         text: "connection lost",
         send_frame: false,
+        by_peer: false,
     };
 }
 

@@ -169,8 +169,8 @@ mod tests {
         };
         let mailbox = Mailbox::new(settings, Some(server));
         hub.connect(1, "amy".into(), mailbox.clone()).await.unwrap();
-        hub.join(1, &"r".into()).await.unwrap();
-        hub.join(1, &"q".into()).await.unwrap();
+        hub.join_tracked(1, &"r".into()).await.unwrap();
+        hub.join_tracked(1, &"q".into()).await.unwrap();
         mailbox.start();
         let _ = written(&mut &peer); // the presence events of the joins
         (hub, peer)

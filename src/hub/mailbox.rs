@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use super::close::{CloseReason, CloseSignal};
 use super::cursors::Cursors;
 use super::Outbound;
-use crate::protocol::RoomFrame;
+use crate::protocol::{close, RoomFrame};
 use crate::stats::Stats;
 
 /// Queue entries written per `writev` at most (two slices each).
@@ -94,6 +94,11 @@ struct State {
     queue: VecDeque<Entry>,
     /// Bytes of the first entry already written.
     front_written: usize,
+    /// Queued entries that are a join's catch-up (its replay, `joined` and
+    /// the live frames held meanwhile): queued at once however many, so
+    /// they do not count against the bound, which is for live frames piling
+    /// up behind a reader that does not keep up.
+    catching_up: usize,
     /// Nothing is written before the session starts the mailbox: the
     /// `welcome` frame waits until the connection is reachable.
     started: bool,
@@ -113,6 +118,8 @@ struct Entry {
     head_len: u8,
     /// Counted in the `sent` statistics (data frames, not control frames).
     data: bool,
+    /// Part of a join's catch-up (see `State::catching_up`).
+    catch_up: bool,
     body: Bytes,
 }
 
@@ -123,6 +130,7 @@ impl Entry {
             head,
             head_len,
             data: opcode == OP_TEXT,
+            catch_up: false,
             body,
         }
     }
@@ -133,6 +141,7 @@ impl Entry {
             head: [0; MAX_HEAD],
             head_len: 0,
             data: false,
+            catch_up: false,
             body: bytes,
         }
     }
@@ -211,6 +220,7 @@ impl Mailbox {
                     cursors: Cursors::new(capacity),
                     queue: VecDeque::new(),
                     front_written: 0,
+                    catching_up: 0,
                     started: false,
                     blocked: false,
                     corked: false,
@@ -347,20 +357,27 @@ impl Mailbox {
         });
     }
 
-    /// Ends the outbound stream: with a close frame when `reason` calls for
-    /// one (after the frame being written, if any; the rest is dropped),
-    /// else after what is queued (such as the reply to the peer's close).
+    /// Ends the outbound stream with a close frame when `reason` calls for
+    /// one. The server's own close goes out after the frame being written, if
+    /// any (the rest is dropped); the answer to the peer's close goes out
+    /// after everything queued and repeats the peer's code (none for 1005,
+    /// "no status", which is never sent).
     pub fn finish(&self, reason: CloseReason) {
         self.then_write(|state| {
             if state.finished {
                 return;
             }
             if reason.send_frame {
-                let keep = usize::from(state.front_written > 0);
-                state.queue.truncate(keep);
                 let mut body = Vec::with_capacity(2 + reason.text.len());
-                body.extend_from_slice(&reason.code.to_be_bytes());
-                body.extend_from_slice(reason.text.as_bytes());
+                if reason.by_peer {
+                    if reason.code != close::NO_STATUS {
+                        body.extend_from_slice(&reason.code.to_be_bytes());
+                    }
+                } else {
+                    Self::drop_queued(state);
+                    body.extend_from_slice(&reason.code.to_be_bytes());
+                    body.extend_from_slice(reason.text.as_bytes());
+                }
                 state.queue.push_back(Entry::frame(OP_CLOSE, body.into()));
             }
             state.finished = true;
@@ -428,19 +445,44 @@ impl Mailbox {
         if !self.accepting(state) {
             return false;
         }
-        if state.queue.len() >= self.shared.capacity {
+        if state.queue.len() >= self.limit(state) {
             self.slow_consumer(state);
             return false;
         }
-        let State { cursors, queue, .. } = state;
+        let catch_up = matches!(
+            item,
+            Outbound::JoinCompleted(_) | Outbound::JoinFailed { .. }
+        );
+        let State {
+            cursors,
+            queue,
+            catching_up,
+            ..
+        } = state;
         cursors.apply(item, &mut |text| {
-            queue.push_back(Entry::frame(OP_TEXT, text.into()));
+            let mut entry = Entry::frame(OP_TEXT, text.into());
+            entry.catch_up = catch_up;
+            *catching_up += usize::from(catch_up);
+            queue.push_back(entry);
         });
-        if state.queue.len() > self.shared.capacity {
+        if state.queue.len() > self.limit(state) {
             self.slow_consumer(state);
             return false;
         }
         !self.overflowed(state)
+    }
+
+    /// Entries the queue may hold: the bound, plus any catch-up.
+    fn limit(&self, state: &State) -> usize {
+        self.shared.capacity + state.catching_up
+    }
+
+    /// Empties the queue but for a frame half written, which must be
+    /// completed.
+    fn drop_queued(state: &mut State) {
+        let keep = usize::from(state.front_written > 0);
+        state.queue.truncate(keep);
+        state.catching_up = state.queue.iter().filter(|e| e.catch_up).count();
     }
 
     /// Once the connection is closing only its close frame follows.
@@ -459,8 +501,7 @@ impl Mailbox {
     /// Drops what waits (but a frame half written, which must be completed)
     /// and closes; the task then queues the close frame.
     fn slow_consumer(&self, state: &mut State) {
-        let keep = usize::from(state.front_written > 0);
-        state.queue.truncate(keep);
+        Self::drop_queued(state);
         if self.shared.close.close(CloseReason::SLOW_CONSUMER) {
             self.shared.stats.slow_consumer_closed();
         }
@@ -530,6 +571,7 @@ impl Mailbox {
                             frames += 1;
                             bytes += front.body.len() as u64;
                         }
+                        state.catching_up -= usize::from(front.catch_up);
                         state.queue.pop_front();
                     }
                 }
@@ -560,6 +602,7 @@ impl Mailbox {
         state.finished = true;
         state.queue = VecDeque::new();
         state.front_written = 0;
+        state.catching_up = 0;
         self.shared.close.close(CloseReason::GONE);
     }
 
@@ -573,6 +616,12 @@ impl Mailbox {
         }
     }
 
+    /// Joins `room` as far as the cursors go (tests of the fan-out).
+    #[cfg(test)]
+    pub fn track_room(&self, room: &str) {
+        self.shared.lock().cursors.track(room.into());
+    }
+
     /// The text of every queued data frame, removing them (tests only).
     #[cfg(test)]
     pub fn take_texts(&self) -> Vec<String> {
@@ -584,6 +633,7 @@ impl Mailbox {
             .map(|e| String::from_utf8_lossy(&e.body).into_owned())
             .collect();
         state.queue.clear();
+        state.catching_up = 0;
         texts
     }
 }
@@ -623,13 +673,19 @@ impl AsyncWrite for SocketIo {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut state = self.mailbox.shared.lock();
-        // Once finished (our close frame queued, or the peer's close already
-        // answered) nothing more may follow.
+        let mailbox = &self.mailbox;
+        let mut state = mailbox.shared.lock();
+        // Once finished (our close frame queued) nothing more may follow.
+        // The parser's replies count against the queue's bound like any
+        // frame: a peer that pings and never reads is a slow consumer.
         if !state.finished {
-            state
-                .queue
-                .push_back(Entry::raw(Bytes::copy_from_slice(buf)));
+            if state.queue.len() >= mailbox.limit(&state) {
+                mailbox.slow_consumer(&mut state);
+            } else {
+                state
+                    .queue
+                    .push_back(Entry::raw(Bytes::copy_from_slice(buf)));
+            }
         }
         Poll::Ready(Ok(buf.len()))
     }
@@ -768,6 +824,7 @@ mod tests {
                 text: text.into(),
             })
         };
+        mailbox.track_room("r");
         // Before the start it is queued; after it, written straight away.
         let mut sent = Sent::default();
         assert!(mailbox.deliver(&frame(1, "a"), &mut sent));
@@ -784,5 +841,49 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, b"\x81\x01a\x81\x01b\x81\x01c\x81\x01d");
         assert!(mailbox.is_drained());
+    }
+
+    #[tokio::test]
+    async fn pongs_to_a_peer_that_never_reads_count_against_the_queue_bound() {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(4096).unwrap();
+        let mut client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        SockRef::from(&server).set_send_buffer_size(4096).unwrap();
+        let mailbox = Mailbox::new(settings(8), Some(server));
+        mailbox.start();
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            mailbox.socket_io(),
+            tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        // A masked ping with a 125-byte payload, sent 2,000 times by a peer
+        // that reads nothing.
+        let mut ping = vec![0x89u8, 0x80 | 125, 1, 2, 3, 4];
+        ping.extend((0..125).map(|i| b'p' ^ [1u8, 2, 3, 4][i % 4]));
+        const PINGS: usize = 2000;
+        let flood = tokio::spawn(async move {
+            for _ in 0..PINGS {
+                client.write_all(&ping).await.unwrap();
+            }
+            client
+        });
+        for _ in 0..PINGS {
+            match ws.next().await {
+                Some(Ok(tungstenite::Message::Ping(_))) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let _client = flood.await.unwrap();
+        let queued = mailbox.shared.lock().queue.len();
+        assert!(queued <= 8, "{queued} entries queued, the bound is 8");
+        assert_eq!(mailbox.close().reason(), Some(CloseReason::SLOW_CONSUMER));
     }
 }

@@ -237,6 +237,17 @@ impl Hub {
         Ok(true)
     }
 
+    /// Joins as a session does as far as the hub and the connection's room
+    /// cursor go (tests of the fan-out, which have no session).
+    #[cfg(test)]
+    pub async fn join_tracked(&self, id: ConnId, room: &Arc<str>) -> Result<bool, BrokerError> {
+        let mailbox = self.read().connections.get(&id).map(|c| c.mailbox.clone());
+        if let Some(mailbox) = mailbox {
+            mailbox.track_room(room);
+        }
+        self.join(id, room).await
+    }
+
     /// Removes the connection from `room`; false if it was not a member.
     pub async fn leave(&self, id: ConnId, room: &str) -> bool {
         let (room, user) = {
@@ -470,8 +481,8 @@ mod tests {
         let b = b_rx.clone();
         hub.connect(1, "amy".into(), a).await.unwrap();
         hub.connect(2, "bob".into(), b).await.unwrap();
-        assert!(hub.join(1, &"r".into()).await.unwrap());
-        assert!(!hub.join(1, &"r".into()).await.unwrap());
+        assert!(hub.join_tracked(1, &"r".into()).await.unwrap());
+        assert!(!hub.join_tracked(1, &"r".into()).await.unwrap());
         texts(&a_rx); // amy's own presence event
         hub.dispatch(room_frame("r", 1)).await;
         hub.dispatch(room_frame("other", 2)).await;
@@ -527,8 +538,8 @@ mod tests {
         let slow_close = slow.clone();
         hub.connect(1, "slow".into(), slow).await.unwrap();
         hub.connect(2, "fast".into(), fast).await.unwrap();
-        hub.join(1, &"r".into()).await.unwrap();
-        hub.join(2, &"r".into()).await.unwrap();
+        hub.join_tracked(1, &"r".into()).await.unwrap();
+        hub.join_tracked(2, &"r".into()).await.unwrap();
         texts(&fast_rx);
         for seq in 0..5 {
             hub.dispatch(room_frame("r", seq)).await;
@@ -554,7 +565,7 @@ mod tests {
         for (id, member) in members.iter().enumerate() {
             let id = id as ConnId;
             hub.connect(id, "fan".into(), member.clone()).await.unwrap();
-            hub.join(id, &room).await.unwrap();
+            hub.join_tracked(id, &room).await.unwrap();
         }
         for seq in 0..100 {
             hub.dispatch(room_frame("big", seq)).await;
@@ -570,7 +581,7 @@ mod tests {
         let (hub, _, _) = hub();
         let first: Arc<str> = hub.room_name("r");
         hub.connect(1, "amy".into(), mailbox(8)).await.unwrap();
-        hub.join(1, &first).await.unwrap();
+        hub.join_tracked(1, &first).await.unwrap();
         assert!(Arc::ptr_eq(&hub.room_name("r"), &first));
         assert!(!Arc::ptr_eq(&hub.room_name("q"), &hub.room_name("q")));
         let registry = hub.read();
@@ -591,8 +602,8 @@ mod tests {
         let b = mailbox(8);
         hub.connect(1, "amy".into(), a).await.unwrap();
         hub.connect(2, "bob".into(), b).await.unwrap();
-        hub.join(1, &"r".into()).await.unwrap();
-        hub.join(2, &"r".into()).await.unwrap();
+        hub.join_tracked(1, &"r".into()).await.unwrap();
+        hub.join_tracked(2, &"r".into()).await.unwrap();
         let room = Channel::Room("r".into());
         assert!(hub.leave(1, "r").await);
         assert!(!hub.leave(1, "r").await);
@@ -606,5 +617,48 @@ mod tests {
         hub.disconnect(1).await;
         let amy = Channel::User("amy".into());
         assert_eq!(broker.publish(&amy, "x".into()).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_room_frame_follows_left_when_a_big_rooms_fan_out_is_split() {
+        let (hub, _, _) = hub();
+        let room: Arc<str> = "big".into();
+        let members: Vec<Mailbox> = (0..2 * FLUSH_CHUNK + 10).map(|_| mailbox(1000)).collect();
+        for (id, member) in members.iter().enumerate() {
+            hub.connect(id as ConnId, "fan".into(), member.clone())
+                .await
+                .unwrap();
+            hub.join_tracked(id as ConnId, &room).await.unwrap();
+        }
+        for member in &members {
+            member.take_texts();
+        }
+        // The parts run in tasks of their own, after the member list was
+        // taken and the registry lock released.
+        let mut fanout = Box::pin(hub.dispatch(room_frame("big", 1)));
+        assert!(
+            futures::poll!(&mut fanout).is_pending(),
+            "waits for its parts"
+        );
+        // Meanwhile every member leaves, as a session does: hub, then `left`.
+        for (id, member) in members.iter().enumerate() {
+            assert!(hub.leave(id as ConnId, "big").await);
+            member.offer(Outbound::Left {
+                room: room.clone(),
+                text: "left".into(),
+            });
+        }
+        fanout.await;
+        let late: Vec<Vec<String>> = members
+            .iter()
+            .map(|m| m.take_texts())
+            .filter(|texts| texts.last().map(String::as_str) != Some("left"))
+            .collect();
+        assert!(
+            late.is_empty(),
+            "{} members got a room frame after `left`, e.g. {:?}",
+            late.len(),
+            late.first()
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{http_get, refused_upgrade, Client, Ending, NodeProcess, TestNode};
+use crate::support::{http_get, refused_upgrade, Client, Ending, NodeProcess, RawSocket, TestNode};
 
 #[tokio::test]
 async fn sigterm_closes_every_client_with_1012_and_the_process_exits() {
@@ -52,4 +52,29 @@ fn dev_mode_on_a_public_address_refuses_to_start() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--insecure"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_clients_close_frame_is_answered_with_its_code_and_a_codeless_one_with_none() {
+    let node = TestNode::start(&[]).await;
+    let mut with_code = RawSocket::connect(node.addr, "/ws?user=amy").await;
+    with_code
+        .send_frame(true, 0x8, &1000u16.to_be_bytes(), true)
+        .await;
+    assert_eq!(
+        with_code.close_payload().await,
+        Some(1000u16.to_be_bytes().to_vec())
+    );
+
+    let mut codeless = RawSocket::connect(node.addr, "/ws?user=bob").await;
+    codeless.send_frame(true, 0x8, &[], true).await;
+    assert_eq!(
+        codeless.close_payload().await,
+        Some(Vec::new()),
+        "1005 (no status) is answered with an empty close frame, never sent as a code"
+    );
+    // Counted by the code the client sent.
+    node.wait_for_stats(|s| s["closes"]["1000"] == 1 && s["closes"]["1005"] == 1)
+        .await;
+    node.shutdown().await;
 }

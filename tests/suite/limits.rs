@@ -126,6 +126,32 @@ async fn a_flood_gets_rate_limited_errors_then_close_4029() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_longer_than_the_client_queue_is_delivered_whole_not_closed_4008() {
+    let node = TestNode::start(&["--client-queue", "8", "--history-size", "100"]).await;
+    let mut amy = node.connect("amy").await;
+    for n in 0..20 {
+        amy.publish("r", json!(n)).await;
+    }
+    let mut bob = node.connect("bob").await;
+    bob.send(json!({"type": "join", "room": "r", "last": 20}))
+        .await;
+    let mut replayed = Vec::new();
+    loop {
+        let frame = bob.recv_reply().await;
+        match frame["type"].as_str() {
+            Some("message") => replayed.push(frame["data"].as_u64().unwrap()),
+            Some("joined") => break,
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+    assert_eq!(replayed, (0..20).collect::<Vec<_>>());
+    amy.publish("r", json!(20)).await;
+    assert_eq!(bob.expect("message").await["data"], 20);
+    assert_eq!(node.stats().await["slow_consumer_closes"], 0);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_reading_is_closed_4008_while_a_reading_member_gets_everything() {
     // Bounds the run if the kernel's socket buffers could absorb it all.
     const MAX_MESSAGES: usize = 3000;

@@ -841,8 +841,15 @@ impl RawSocket {
     }
 
     /// Reads server frames until a close frame; its code, or `None` if the
-    /// connection ended without one.
+    /// connection ended without one (or it had no code).
     pub async fn close_code(&mut self) -> Option<u16> {
+        let payload = self.close_payload().await?;
+        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+    }
+
+    /// Reads server frames until a close frame; its payload, or `None` if
+    /// the connection ended without one.
+    pub async fn close_payload(&mut self) -> Option<Vec<u8>> {
         use tokio::io::AsyncReadExt;
         let read = async {
             loop {
@@ -865,8 +872,7 @@ impl RawSocket {
                 let mut payload = vec![0u8; length];
                 self.stream.read_exact(&mut payload).await.ok()?;
                 if opcode == 8 {
-                    return (payload.len() >= 2)
-                        .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Some(payload);
                 }
             }
         };
