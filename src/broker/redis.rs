@@ -55,6 +55,9 @@ use crate::history::log::{predecessor, RoomLog};
 use crate::history::{Replay, Stored};
 use crate::protocol::{now_ms, CatchUp, MessageId, MessageTemplate, RoomFrame};
 
+/// How long a command a client waits for may take, retries included.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Which Redis the nodes share.
 #[derive(Debug, Clone)]
 pub enum RedisServers {
@@ -184,7 +187,7 @@ impl RedisBroker {
                 let endpoint = Endpoint::from_url(url).map_err(bad)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
                 let commands =
@@ -206,18 +209,23 @@ impl RedisBroker {
                     .ok_or_else(|| bad("no seed node".into()))?
                     .map_err(bad)?;
                 endpoints.collect::<Result<Vec<_>, _>>().map_err(bad)?;
+                // Retries follow redirections (MOVED, ASK, TRYAGAIN), which
+                // the server answers without running the command. A timeout
+                // per attempt would be retried too, running a script that
+                // was only slow (a master in a fork or an fsync) twice: a
+                // publish stored and delivered twice, a join counted twice.
+                // So only the whole request times out.
                 let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
                     .retries(3)
                     .min_retry_wait(50)
                     .max_retry_wait(500)
+                    .overall_response_timeout(Some(COMMAND_TIMEOUT))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
                 // Connects in the background: a Cluster that is not up yet
                 // is waited for like one Redis.
                 let commands = client.get_pending_async_connection_with_config(
-                    ClusterConfig::new()
-                        .set_connection_timeout(Duration::from_secs(1))
-                        .set_response_timeout(Duration::from_secs(2)),
+                    ClusterConfig::new().set_connection_timeout(Duration::from_secs(1)),
                 );
                 (
                     Flavor::Sharded,
@@ -577,16 +585,21 @@ impl RedisBroker {
             .arg(self.settings.node_ttl.as_millis() as u64)
             .invoke_async(&mut commands)
             .await?;
+        if registered == 0 {
+            tracing::info!(
+                "Redis did not know this node (new, restarted, or reaped it); writing its presence"
+            );
+            // The script has registered the node again, so the next tick
+            // will not say so: the resync stays due until it succeeds, even
+            // if this tick fails before it.
+            self.presence_dirty.store(true, Ordering::Release);
+        }
         for node in silent {
             if node != self.settings.node_id {
                 self.reap_node(&node).await?;
             }
         }
-        let dirty = self.presence_dirty.load(Ordering::Acquire);
-        if registered == 0 || dirty {
-            if registered == 0 {
-                tracing::info!("Redis did not know this node (new, restarted, or reaped it); writing its presence");
-            }
+        if self.presence_dirty.load(Ordering::Acquire) {
             self.resync_presence().await?;
         }
         self.tidy_node_rooms().await

@@ -14,7 +14,8 @@ use futures::FutureExt;
 use serde_json::{json, Value};
 
 use crate::support::{
-    collect_messages, Client, Cluster, NodeProcess, RedisCluster, ResumingClient, TestNode,
+    collect_messages, redis_cli, Client, Cluster, LoneMaster, NodeProcess, RedisCluster,
+    ResumingClient, TestNode,
 };
 
 const UNLIMITED: &[&str] = &["--rate-limit", "100000", "--rate-burst", "100000"];
@@ -503,4 +504,63 @@ fn a_node_process_with_a_bad_redis_cluster_url_refuses_to_start() {
         .expect("runs");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("REDIS_CLUSTER_URLS"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_stalled_past_the_command_timeout_stores_a_publish_once_and_counts_a_join_once() {
+    use roomcast::broker::redis::{RedisBroker, RedisServers, RedisSettings};
+    use roomcast::broker::Broker;
+    use roomcast::protocol::MessageTemplate;
+    let master = LoneMaster::start();
+    let (broker, _incoming) = RedisBroker::start(RedisSettings {
+        servers: RedisServers::Cluster(vec![master.url()]),
+        prefix: "st".into(),
+        node_id: "st-1".into(),
+        history_size: 100,
+        history_ttl: Duration::from_secs(600),
+        node_ttl: Duration::from_secs(15),
+    })
+    .await
+    .expect("the broker starts");
+    let data = |n: &str| serde_json::value::RawValue::from_string(n.into()).unwrap();
+    broker
+        .publish_room("r", MessageTemplate::new("r", "amy", &data("1")), None)
+        .await
+        .expect("a publish before the stall");
+    broker
+        .presence_add("r", "amy", "{}".into())
+        .await
+        .expect("a join before the stall");
+    // The master stalls for longer than a command may take (2 s).
+    master.pause(true);
+    let publishing = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            broker
+                .publish_room("r", MessageTemplate::new("r", "amy", &data("2")), None)
+                .await
+        })
+    };
+    let joining = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.presence_add("r", "bob", "{}".into()).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    master.pause(false);
+    let published = publishing.await.unwrap();
+    let joined = joining.await.unwrap();
+    // Either answer is allowed (a timeout says "maybe"); running twice is not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stored = redis_cli(master.port, &["XLEN", "st:stream:{r}"]);
+    assert_eq!(
+        stored, "2",
+        "one stalled publish stored once ({published:?})"
+    );
+    let count = redis_cli(master.port, &["HGET", "st:members:{r}", "bob"]);
+    assert_eq!(count, "1", "one stalled join counted once ({joined:?})");
+    broker
+        .presence_remove("r", "bob", "{}".into())
+        .await
+        .expect("bob leaves");
+    assert_eq!(broker.presence("r").await.unwrap(), vec!["amy"]);
 }

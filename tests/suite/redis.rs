@@ -475,3 +475,49 @@ async fn the_cluster_view_lists_every_live_node_with_its_traffic_from_any_node()
         .wait_for_cluster_stats(|view| view["totals"]["nodes"] == 2)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaped_while_alive_writes_its_presence_again_even_if_reaping_another_node_fails() {
+    use roomcast::broker::redis::{RedisBroker, RedisServers, RedisSettings};
+    use roomcast::broker::Broker;
+    let redis = RedisServer::start();
+    let (broker, _incoming) = RedisBroker::start(RedisSettings {
+        servers: RedisServers::One(redis.url()),
+        prefix: "rv".into(),
+        node_id: "rv-a".into(),
+        history_size: 100,
+        history_ttl: Duration::from_secs(600),
+        // Liveness every 200 ms.
+        node_ttl: Duration::from_millis(600),
+    })
+    .await
+    .expect("the broker starts");
+    broker.presence_add("r", "bob", "{}".into()).await.unwrap();
+    assert_eq!(broker.presence("r").await.unwrap(), vec!["bob"]);
+    // Another node reaps rv-a as if it were dead (its tick was late), and a
+    // silent node "ghost" appears whose reap fails (its room set is not a set).
+    redis.cli(&[
+        "EVAL",
+        "redis.call('DEL', 'rv:members:{r}', 'rv:members:{r}:node:rv-a', 'rv:node-rooms:rv-a') \
+         redis.call('ZREM', 'rv:nodes', 'rv-a') \
+         redis.call('ZADD', 'rv:nodes', 0, 'ghost') \
+         redis.call('SET', 'rv:node-rooms:ghost', 'not a set') return 1",
+        "0",
+    ]);
+    // A tick learns it was forgotten and fails on the ghost; then the ghost
+    // can be reaped.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    redis.cli(&["DEL", "rv:node-rooms:ghost"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let users = broker.presence("r").await.unwrap();
+        if users == vec!["bob"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob is still connected to rv-a but missing from presence: {users:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -25,7 +25,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub mod browser;
 pub mod redis_cluster;
 
-pub use redis_cluster::RedisCluster;
+pub use redis_cluster::{LoneMaster, RedisCluster};
 
 /// Defines each named `async fn(Topology)` test once per topology: one
 /// node with the in-process broker, three nodes sharing a Redis, and three

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{command_calls, free_ports, redis_cli, spawn_redis_server, try_redis_cli};
+use super::{
+    command_calls, free_ports, redis_cli, spawn_redis_server, try_redis_cli, wait_for_redis,
+};
 
 /// Long enough for a failover (node timeout, then an election) on a busy
 /// two-core machine.
@@ -379,6 +381,74 @@ impl Drop for RedisCluster {
                 let _ = child.wait();
             }
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of one master that owns every slot and has no replica:
+/// it can be paused (SIGSTOP) for longer than the node timeout without a
+/// failover, as a master stalls in a fork or a slow fsync.
+pub struct LoneMaster {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl LoneMaster {
+    pub fn start() -> LoneMaster {
+        let ports = free_ports(2);
+        let (port, bus) = (ports[0], ports[1]);
+        let dir = std::env::temp_dir().join(format!(
+            "roomcast-lone-master-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("creates the master's directory");
+        let child = spawn_redis_server(
+            port,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--dir",
+                &dir.display().to_string(),
+            ],
+        );
+        let master = LoneMaster { child, port, dir };
+        wait_for_redis(port);
+        redis_cli(port, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        let deadline = Instant::now() + CLUSTER_WAIT;
+        while !redis_cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "the lone master never got ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        master
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops (`true`) or continues (`false`) the process.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+}
+
+impl Drop for LoneMaster {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
