@@ -93,6 +93,11 @@ struct RoomTail {
     /// reconnect's catch-up starts above it. Kept apart from `dispatched`:
     /// raising that would drop live messages a member still needs.
     subscribed_after: Option<MessageId>,
+    /// Whether the node knows where its members' messages start in the
+    /// stream: false from subscribing until the stream is first read (or a
+    /// message is dispatched). A catch-up before that cannot tell messages
+    /// its members missed from ones that predate them.
+    floor_known: bool,
     /// While the room's subscription is being restored: live frames wait
     /// here until the stream read that fills the gap has been delivered, so
     /// none overtakes it.
@@ -388,10 +393,12 @@ impl RedisBroker {
     }
 
     async fn catch_up_room(&self, room: &Arc<str>) {
-        let Some(dispatched) = lock(&self.tails)
-            .get(room)
-            .map(|tail| tail.dispatched.max(tail.subscribed_after))
-        else {
+        let Some((dispatched, floor_known)) = lock(&self.tails).get(room).map(|tail| {
+            (
+                tail.dispatched.max(tail.subscribed_after),
+                tail.floor_known || tail.dispatched.is_some(),
+            )
+        }) else {
             return;
         };
         let mut attempt = 0;
@@ -422,8 +429,16 @@ impl RedisBroker {
                 }
                 if let Some(tail) = lock(&self.tails).get_mut(room) {
                     tail.dispatched = None;
+                    tail.floor_known = true;
                     tail.log.assume_complete_after(MessageId::new(now_ms(), 0));
                 }
+            }
+            Ok(Some(snapshot)) if !floor_known => {
+                // The stream was never read since subscribing (that read
+                // failed, or the connection dropped first): its messages
+                // cannot be told apart, so none is delivered as live.
+                tracing::warn!(%room, "subscribed without knowing the stream's end; its members will resume");
+                self.resync_room(room, Some(snapshot));
             }
             Ok(Some(snapshot)) => {
                 let newest = snapshot.messages.last().and_then(|m| m.id);
@@ -478,6 +493,7 @@ impl RedisBroker {
         if let Some(tail) = lock(&self.tails).get_mut(room) {
             tail.log = RoomLog::new(None);
             tail.dispatched = None;
+            tail.floor_known = snapshot.is_some();
             if let Some(snapshot) = snapshot {
                 tail.dispatched = snapshot.messages.last().and_then(|m| m.id);
                 tail.log.merge(
@@ -502,6 +518,7 @@ impl RedisBroker {
             Ok(Some(snapshot)) => {
                 let newest = snapshot.messages.last().and_then(|m| m.id);
                 tail.subscribed_after = tail.subscribed_after.max(newest);
+                tail.floor_known = true;
                 tail.log.merge(
                     snapshot.messages,
                     snapshot.complete_after,
@@ -509,7 +526,10 @@ impl RedisBroker {
                 );
             }
             // No stream: everything from here on is in the tail.
-            Ok(None) => tail.log.assume_complete_after(MessageId::new(now_ms(), 0)),
+            Ok(None) => {
+                tail.floor_known = true;
+                tail.log.assume_complete_after(MessageId::new(now_ms(), 0));
+            }
             Err(err) => tracing::debug!(%room, error = %err, "seeding a room's tail failed"),
         }
     }

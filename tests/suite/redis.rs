@@ -521,3 +521,31 @@ async fn a_node_reaped_while_alive_writes_its_presence_again_even_if_reaping_ano
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_stream_could_not_be_read_at_subscribe_is_resumed_not_replayed_live_after_a_reconnect(
+) {
+    let redis = RedisServer::start();
+    let node = TestNode::start(&["--redis-url", &redis.url()]).await;
+    let mut amy = node.connect("amy").await;
+    for n in 0..5 {
+        amy.publish("r", json!(n)).await;
+    }
+    // Scripts that may write wait while Redis pauses writes: the read of
+    // the stream when the node subscribes (for bob's join) times out.
+    redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let mut bob = node.connect("bob").await;
+    bob.join("r").await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // The subscriber connection drops; the reconnect's catch-up must not
+    // hand bob the five messages from before he joined as if they were new.
+    assert_eq!(redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]), "1");
+    loop {
+        match bob.try_recv(WAIT).await {
+            Ok(frame) if frame["type"] == "join" || frame["type"] == "leave" => continue,
+            Ok(frame) => panic!("bob got {frame} instead of 1012 (resume)"),
+            Err(ending) => break assert_eq!(ending, Ending::Closed(1012)),
+        }
+    }
+    node.shutdown().await;
+}
