@@ -325,13 +325,17 @@ impl Reader<'_> {
             Message::Close(frame) => Some(CloseReason::by_peer(
                 frame.map_or(close::NO_STATUS, |f| u16::from(f.code)),
             )),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+            // Pings and pongs count against the rate limit too, without an
+            // `error` (the library has answered the ping already): a flood
+            // of them is closed with 4029 like any other.
+            Message::Ping(_) | Message::Pong(_) => self.take_token().err().flatten(),
+            Message::Frame(_) => None,
         }
     }
 
-    /// Takes a token for one frame. `Err(None)`: over the limit, the frame is
-    /// refused with an error; `Err(Some(close))`: refused too often in a row.
-    fn within_rate(&mut self, reference: Option<&RawValue>) -> Result<(), Option<CloseReason>> {
+    /// Takes a token for one frame. `Err(None)`: over the limit;
+    /// `Err(Some(close))`: refused too often in a row.
+    fn take_token(&mut self) -> Result<(), Option<CloseReason>> {
         if self.bucket.try_take(Instant::now()) {
             self.refused_in_row = 0;
             return Ok(());
@@ -340,12 +344,21 @@ impl Reader<'_> {
         if self.refused_in_row >= self.node.config.rate_burst {
             return Err(Some(CloseReason::RATE_LIMITED));
         }
-        let message = format!(
-            "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
-            self.node.config.rate_limit, self.node.config.rate_burst
-        );
-        self.reject(Rejection::new(ErrorCode::RateLimited, message), reference);
         Err(None)
+    }
+
+    /// Takes a token for one data frame; one over the limit is refused with
+    /// an `error`.
+    fn within_rate(&mut self, reference: Option<&RawValue>) -> Result<(), Option<CloseReason>> {
+        let taken = self.take_token();
+        if taken == Err(None) {
+            let message = format!(
+                "rate limit: at most {} frames per second, bursts of {}; this frame was dropped",
+                self.node.config.rate_limit, self.node.config.rate_burst
+            );
+            self.reject(Rejection::new(ErrorCode::RateLimited, message), reference);
+        }
+        taken
     }
 
     async fn on_frame(&mut self, parsed: Parsed<'_>) {

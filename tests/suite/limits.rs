@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Ending, TestNode};
+use crate::support::{Ending, RawSocket, TestNode};
 
 #[tokio::test]
 async fn malformed_and_unknown_frames_get_bad_request_and_the_connection_stays_usable() {
@@ -123,6 +123,22 @@ async fn a_flood_gets_rate_limited_errors_then_close_4029() {
         stats["errors"]["rate_limited"].as_u64().unwrap() >= 1,
         "{stats}"
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_websocket_pings_is_closed_4029_without_error_frames() {
+    let node = TestNode::start(&["--rate-limit", "2", "--rate-burst", "5"]).await;
+    let mut flooder = RawSocket::connect(node.addr, "/ws?user=flooder").await;
+    for _ in 0..50 {
+        flooder.send_frame(true, 0x9, b"hi", true).await;
+    }
+    // Pongs (and the welcome) until the close; no `error` frame among them.
+    assert_eq!(flooder.close_code().await, Some(4029));
+    let mut calm = node.connect("calm").await;
+    calm.send(json!({"type":"ping"})).await;
+    calm.expect("pong").await;
+    let stats = node.wait_for_stats(|s| s["closes"]["4029"] == 1).await;
+    assert_eq!(stats["errors"]["rate_limited"], 0, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
