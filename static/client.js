@@ -6,6 +6,9 @@
 
 const DEFAULT_BACKOFF = Object.freeze({ initialMs: 500, maxMs: 30000, factor: 2 });
 const DEFAULT_HEARTBEAT_MS = 25000;
+// A connection open this long resets the reconnect backoff: one closed sooner
+// (rate limited, slow consumer, a failing node) keeps backing off.
+const STABLE_MS = 10000;
 // Silence (nothing received) after which a socket counts as dead, in heartbeat
 // intervals: the server pings every interval, and we ping after one quiet one.
 const DEAD_AFTER_INTERVALS = 2.5;
@@ -85,7 +88,7 @@ export class RoomcastClient {
     this._setTimeout = options.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms));
     this._clearTimeout = options.clearTimeout ?? ((id) => globalThis.clearTimeout(id));
     this._random = options.random ?? Math.random;
-    this._now = options.now ?? (() => Date.now());
+    this._now = options.now ?? (globalThis.performance?.now ? () => globalThis.performance.now() : () => Date.now());
     this._backoff = { ...DEFAULT_BACKOFF, ...options.backoff };
     this._queueLimit = options.queueLimit ?? 1000;
     this._ackTimeoutMs = options.ackTimeoutMs ?? 10000;
@@ -106,6 +109,7 @@ export class RoomcastClient {
     this._ref = 0;
     this._seq = 0;
     this._openWaiters = [];
+    this._leaving = new Map(); // room -> leaves sent and not yet answered
 
     this._state = "idle";
     this._attempt = 0;
@@ -116,7 +120,7 @@ export class RoomcastClient {
     this._gate = 0; // re-joins still unanswered on this socket
     this._stopped = false;
     this._everOpen = false;
-    this._timers = { reconnect: null, heartbeat: null, pump: null, failed: null };
+    this._timers = { reconnect: null, heartbeat: null, pump: null, failed: null, stable: null };
     this.welcome = null;
 
     if (options.autoConnect !== false) {
@@ -191,6 +195,8 @@ export class RoomcastClient {
         sentHere: false,
         joinedHere: false,
         silent: false,
+        retry: null, // timer of a join sent again after a transient failure
+        retries: 0,
       };
       this._rooms.set(room, entry);
     }
@@ -203,12 +209,20 @@ export class RoomcastClient {
   /** Leaves a room and forgets it; resolves with the `left` frame. */
   leave(room) {
     const entry = this._rooms.get(room);
-    this._rooms.delete(room);
+    this._forget(room);
     for (const waiter of entry?.waiters.splice(0) ?? []) {
       waiter.reject(new RoomcastError("left", `left room "${room}" before it was joined`));
     }
     if (!this._welcomed) return Promise.resolve({ type: "left", room });
-    return this._control("leave", { type: "leave", room });
+    // Until the server answers, room frames still on their way come from the
+    // membership being left: a join sent meanwhile must not take them as its own.
+    this._leaving.set(room, (this._leaving.get(room) ?? 0) + 1);
+    const answered = () => {
+      const left = (this._leaving.get(room) ?? 0) - 1;
+      if (left > 0) this._leaving.set(room, left);
+      else this._leaving.delete(room);
+    };
+    return this._control("leave", { type: "leave", room }, { settled: answered });
   }
 
   /** Publishes to a room; resolves with the message id from the `ack`. */
@@ -358,9 +372,14 @@ export class RoomcastClient {
     this._welcomed = false;
     this._ready = false;
     this._gate = 0;
+    this._leaving.clear();
     // Joins in flight die with the socket: the next one starts the room afresh.
-    for (const entry of this._rooms.values()) entry.sentHere = entry.joinedHere = entry.silent = false;
+    for (const entry of this._rooms.values()) {
+      entry.sentHere = entry.joinedHere = entry.silent = false;
+      this._clearRetry(entry);
+    }
     this._clearTimer("heartbeat");
+    this._clearTimer("stable");
     this._clearTimer("pump");
     this._clearTimer("reconnect");
     this._clearTimer("failed");
@@ -393,9 +412,9 @@ export class RoomcastClient {
       return;
     }
     // Until a first welcome the client is still "connecting", however many tries it takes.
+    this._timers.reconnect = this._setTimeout(() => this._dial(), delayMs);
     this._setState(this._everOpen ? "reconnecting" : "connecting");
     this._emit("close", { code, reason, willReconnect: true, delayMs });
-    this._timers.reconnect = this._setTimeout(() => this._dial(), delayMs);
   }
 
   // Requests whose socket died: publishes and presence go back to the queue (in
@@ -477,7 +496,7 @@ export class RoomcastClient {
 
   _refill() {
     const now = this._now();
-    this._tokens = Math.min(this._sendBurst, this._tokens + ((now - this._tokensAt) * this._sendRate) / 1000);
+    this._tokens = Math.min(this._sendBurst, this._tokens + (Math.max(0, now - this._tokensAt) * this._sendRate) / 1000);
     this._tokensAt = now;
   }
 
@@ -493,11 +512,19 @@ export class RoomcastClient {
     this._tokens -= 1;
   }
 
+  // `extra.settled`, if given, runs as the request settles (synchronously, before
+  // any frame that follows its reply).
   _newRequest(kind, frame, extra = {}) {
-    const req = { kind, frame, seq: ++this._seq, ref: null, timer: null, ...extra };
+    const { settled, ...rest } = extra;
+    const req = { kind, frame, seq: ++this._seq, ref: null, timer: null, ...rest };
+    let open = true;
+    const settle = () => {
+      if (open && settled) settled();
+      open = false;
+    };
     req.promise = new Promise((resolve, reject) => {
-      req.resolve = resolve;
-      req.reject = reject;
+      req.resolve = (value) => (settle(), resolve(value));
+      req.reject = (err) => (settle(), reject(err));
     });
     // The app may ignore a request's outcome; errors also reach it as rejections it chose not to handle.
     req.promise.catch(() => {});
@@ -565,7 +592,7 @@ export class RoomcastClient {
 
   // ---- rooms -----------------------------------------------------------------
 
-  _sendJoin(entry, { last, gate }) {
+  _sendJoin(entry, { last, gate, resume = entry.everJoined && gate }) {
     const frame = { type: "join", room: entry.room };
     let backlog = last ?? (entry.everJoined ? null : entry.last);
     if (backlog === 0) backlog = null; // replays nothing even from a full history: no cursor
@@ -573,7 +600,7 @@ export class RoomcastClient {
     // to take its id as the cursor, so that a re-join resumes with `since`.
     const probe = backlog == null && !entry.lastId;
     if (backlog != null) frame.last = backlog;
-    else if (entry.lastId) frame.since = entry.lastId;
+    else if (entry.lastId) frame.since = entry.resumeFrom ??= entry.lastId;
     else frame.last = 1;
     // Room frames before this socket's first `joined` of the room are the replay
     // of the first join sent for it on this socket (the server holds live ones).
@@ -582,7 +609,7 @@ export class RoomcastClient {
       entry.silent = probe;
     }
     // `recovered` is news only for a room this client was already in.
-    this._control("join", frame, { room: entry.room, gate, resume: entry.everJoined && gate });
+    this._control("join", frame, { room: entry.room, gate, resume });
     if (gate) this._gate++;
   }
 
@@ -608,6 +635,8 @@ export class RoomcastClient {
       entry.everJoined = true;
       entry.joinedHere = true;
       entry.silent = false;
+      entry.retries = 0;
+      if (req.frame.since !== undefined && req.frame.since === entry.resumeFrom) entry.resumeFrom = null;
       // Nothing replayed (nor seen): the history was empty, so all it holds at the
       // next re-join is newer than this join.
       if (!entry.lastId) entry.lastId = START_ID;
@@ -632,11 +661,39 @@ export class RoomcastClient {
       entry.silent = false;
       for (const waiter of entry.waiters.splice(0)) waiter.reject(err);
       // A room the server refused is not re-joined on every reconnect.
-      if (err.code !== "timeout") this._rooms.delete(req.room);
+      if (err.code === "forbidden" || err.code === "bad_request") this._forget(req.room);
+      // Anything else may pass (broker down, rate limited, no answer): this socket
+      // asks again, backing off, so the room does not stay silent until a reconnect.
+      else if (this._welcomed && !entry.joinedHere) this._retryJoin(entry, req.resume);
     }
     if (req.gate) this._emit("error", err);
     req.reject(err);
     this._gateDone(req);
+  }
+
+  _retryJoin(entry, resume) {
+    this._clearRetry(entry);
+    const delayMs = backoffDelay(entry.retries++, this._backoff, this._random);
+    entry.retry = this._setTimeout(() => {
+      entry.retry = null;
+      if (this._welcomed && this._rooms.get(entry.room) === entry && !entry.joinedHere) {
+        this._sendJoin(entry, { gate: false, resume });
+      }
+    }, delayMs);
+  }
+
+  _clearRetry(entry) {
+    if (entry.retry !== null) {
+      this._clearTimeout(entry.retry);
+      entry.retry = null;
+    }
+  }
+
+  // The app left the room, or the server refused or revoked it.
+  _forget(room) {
+    const entry = this._rooms.get(room);
+    if (entry) this._clearRetry(entry);
+    this._rooms.delete(room);
   }
 
   // ---- receiving ---------------------------------------------------------------
@@ -664,9 +721,9 @@ export class RoomcastClient {
       case "refreshed":
         return this._onReply(frame);
       case "left":
-        if (frame.ref !== undefined && this._inflight.has(frame.ref)) return this._onReply(frame);
+        if (frame.ref !== undefined) return this._onReply(frame);
         // Unasked: a refreshed token no longer allows the room.
-        this._rooms.delete(frame.room);
+        this._forget(frame.room);
         return this._emit("left", frame);
       case "presence":
         return this._onReply(frame);
@@ -690,8 +747,12 @@ export class RoomcastClient {
     this.welcome = frame;
     this._welcomed = true;
     this._everOpen = true;
-    this._attempt = 0;
-    this._heartbeatMs = this.options.heartbeatMs ?? frame.heartbeat_ms ?? DEFAULT_HEARTBEAT_MS;
+    this._timers.stable = this._setTimeout(() => {
+      this._timers.stable = null;
+      this._attempt = 0;
+    }, STABLE_MS);
+    const hb = this.options.heartbeatMs ?? frame.heartbeat_ms;
+    this._heartbeatMs = Number.isFinite(hb) && hb >= 10 ? hb : DEFAULT_HEARTBEAT_MS;
     this._armHeartbeat();
     this._rejoin();
     this._setState("open");
@@ -702,6 +763,7 @@ export class RoomcastClient {
   _onMessage(frame) {
     const entry = this._rooms.get(frame.room);
     if (!entry) return; // a room left a moment ago
+    if (this._leaving.has(frame.room)) return; // sent before the server read our leave
     if (entry.silent && !entry.joinedHere) {
       // The newest message replayed to a join without cursor or backlog: it
       // predates the join and was not asked for, so it only becomes the cursor.

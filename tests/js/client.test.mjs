@@ -176,7 +176,7 @@ test("connects with ?user=, emits open and state, and resolves connect()", async
   assert.equal(events.find(([n]) => n === "open")[1].conn, "c-1");
 });
 
-test("backoff grows exponentially with full jitter, is capped, and resets after a welcome", async () => {
+test("backoff grows exponentially with full jitter, is capped, and resets after a connection stays open 10 s", async () => {
   const { clock, sockets, events, client } = await setup({ backoff: { initialMs: 100, maxMs: 1000, factor: 2 } });
   const delays = [];
   for (let i = 0; i < 6; i++) {
@@ -194,10 +194,17 @@ test("backoff grows exponentially with full jitter, is capped, and resets after 
   assert.deepEqual(delays, [50, 100, 200, 400, 500, 500]);
   assert.equal(client.state, "connecting", "never opened yet");
 
+  // Welcomed, then closed at once (rate limited, slow consumer, a failing
+  // node): the backoff keeps growing.
   sockets.at(-1).welcome();
   assert.equal(client.state, "open");
+  sockets.at(-1).serverClose(4029, "rate limited");
+  assert.equal(closes(events).at(-1).delayMs, 500, "still backing off");
+  await clock.advance(500);
+  sockets.at(-1).welcome();
+  await clock.advance(10000);
   sockets.at(-1).serverClose(1011, "internal");
-  assert.equal(closes(events).at(-1).delayMs, 50, "attempt counter reset after a welcomed connection");
+  assert.equal(closes(events).at(-1).delayMs, 50, "attempt counter reset after 10 s open");
   assert.equal(client.state, "reconnecting");
 });
 
@@ -749,4 +756,185 @@ test("an unasked left (token no longer allows the room) forgets the room", async
   sockets[0].receive({ type: "left", room: "admin", reason: "not permitted by the refreshed token" });
   assert.deepEqual(client.rooms, []);
   assert.equal(events.filter(([n]) => n === "left").length, 1);
+});
+
+test("a re-join answered with a transient error keeps the room and resumes it on the next socket", async () => {
+  const { client, clock, sockets, events } = await setup();
+  sockets[0].welcome();
+  client.join("lobby");
+  answerJoin(sockets[0], sockets[0].last(), { messages: [{ id: "5-0", data: "old" }] });
+  // The node lost its broker: it resyncs its clients with 1012.
+  sockets[0].serverClose(1012, "messages may be missing: reconnect and resume");
+  await clock.advance(closes(events).at(-1).delayMs);
+  sockets[1].welcome();
+  const rejoin = sockets[1].sentOfType("join")[0];
+  assert.equal(rejoin.since, "5-0");
+  // The broker is still down: history cannot be read, nothing was joined.
+  sockets[1].receive({ type: "error", code: "unavailable", message: "broker down", ref: rejoin.ref });
+  assert.deepEqual(client.rooms, ["lobby"], "a transient failure must not forget the room");
+  // The broker is back; the next connection must re-join lobby from its cursor.
+  sockets[1].serverClose(1012);
+  await clock.advance(closes(events).at(-1).delayMs);
+  sockets[2].welcome();
+  assert.deepEqual(sockets[2].sentOfType("join").map((j) => [j.room, j.since]), [["lobby", "5-0"]]);
+});
+
+test("a resume cut off before its joined still reports recovered:false from the original cursor", async () => {
+  // The server's history of the room starts at 500-0 (older messages trimmed).
+  const history = ["500-0", "501-0", "502-0"];
+  const serverAnswer = (ws, join) => {
+    const recovered = compareIds(join.since, "499-0") >= 0; // history reaches back to `since`
+    const messages = history.filter((id) => compareIds(id, join.since) > 0).map((id) => ({ id, data: id }));
+    answerJoin(ws, join, { messages, recovered });
+  };
+  const { client, clock, sockets, events } = await setup();
+  sockets[0].welcome();
+  client.join("lobby");
+  answerJoin(sockets[0], sockets[0].last(), { messages: [{ id: "100-0", data: "old" }] });
+  assert.equal(client.lastId("lobby"), "100-0");
+  sockets[0].serverClose(1006);
+  await clock.advance(closes(events).at(-1).delayMs);
+
+  // Offline for long: the re-join from 100-0 replays what is left (500-0...),
+  // but the socket dies before the `joined` (which would say recovered:false).
+  sockets[1].welcome();
+  const rejoin = sockets[1].sentOfType("join")[0];
+  assert.equal(rejoin.since, "100-0");
+  sockets[1].receive({ type: "message", room: "lobby", id: "500-0", from: "bob", data: "500-0" });
+  sockets[1].receive({ type: "message", room: "lobby", id: "501-0", from: "bob", data: "501-0" });
+  sockets[1].serverClose(1006);
+  await clock.advance(closes(events).at(-1).delayMs);
+
+  sockets[2].welcome();
+  serverAnswer(sockets[2], sockets[2].sentOfType("join")[0]);
+  assert.deepEqual(events.filter(([n]) => n === "message").map(([, m]) => m.data), ["500-0", "501-0", "502-0"]);
+  const recovered = events.filter(([n]) => n === "recovered").map(([, r]) => r);
+  assert.ok(recovered.some((r) => r.recovered === false), `the gap after 100-0 was never reported: ${JSON.stringify(recovered)}`);
+});
+
+test("close() from a close listener leaves no reconnect timer behind", async () => {
+  const { client, clock, sockets } = await setup();
+  sockets[0].welcome();
+  // e.g. "give up after N failures"
+  client.on("close", (e) => {
+    if (e.willReconnect) client.close();
+  });
+  sockets[0].serverClose(1006);
+  assert.equal(client.state, "closed");
+  assert.equal(clock.timers.size, 0, "no timer left behind");
+});
+
+test("close() from a close listener then connect() opens one socket, not two", async () => {
+  const { client, clock, sockets } = await setup();
+  sockets[0].welcome();
+  let gaveUp = false;
+  client.on("close", (e) => {
+    if (e.willReconnect && !gaveUp) {
+      gaveUp = true;
+      client.close();
+    }
+  });
+  sockets[0].serverClose(1006);
+  client.connect(); // the user clicks "retry"
+  await flush();
+  assert.equal(sockets.length, 2);
+  sockets[1].welcome();
+  await clock.advance(1000); // the leaked reconnect timer fires
+  assert.equal(sockets.length, 2, `a second socket was dialled; the first one is ${sockets[1].closedWith ? "closed" : "still open, orphaned"}`);
+});
+
+test("after a leave, room frames still in flight do not swallow a new join's backlog", async () => {
+  const { client, sockets, events } = await setup();
+  const ws = sockets[0];
+  ws.welcome();
+  client.join("r");
+  answerJoin(ws, ws.last(), { messages: [{ id: "10-0", data: "a" }] });
+  ws.receive({ type: "message", room: "r", id: "11-0", from: "bob", data: "b" });
+  client.leave("r");
+  const leave = ws.last();
+  const seen = events.filter(([n]) => n === "message").length;
+  const joined = client.join("r", { last: 3 });
+  const join = ws.last();
+  // Written by the server before it read the leave:
+  ws.receive({ type: "message", room: "r", id: "12-0", from: "bob", data: "c" });
+  ws.receive({ type: "left", room: "r", ref: leave.ref });
+  answerJoin(ws, join, { messages: [{ id: "10-0", data: "a" }, { id: "11-0", data: "b" }, { id: "12-0", data: "c" }] });
+  await joined;
+  assert.deepEqual(events.filter(([n]) => n === "message").slice(seen).map(([, m]) => m.data), ["a", "b", "c"], "the backlog of the new join");
+});
+
+test("4029, which comes after a welcome, backs off further on each repeat", async () => {
+  const { clock, sockets, events } = await setup();
+  const delays = [];
+  for (let i = 0; i < 5; i++) {
+    sockets.at(-1).welcome();
+    sockets.at(-1).serverClose(4029, "rate limited");
+    delays.push(closes(events).at(-1).delayMs);
+    await clock.advance(delays.at(-1));
+  }
+  assert.ok(delays.at(-1) > delays[0], `delays never grow: ${delays}`);
+});
+
+test("a late left for a timed-out leave does not forget the room joined again", async () => {
+  const { client, clock, sockets, events } = await setup({ ackTimeoutMs: 1000 });
+  const ws = sockets[0];
+  ws.welcome();
+  client.join("r");
+  answerJoin(ws, ws.last());
+  const left = client.leave("r");
+  const leave = ws.last();
+  await clock.advance(1000);
+  await assert.rejects(left, { code: "timeout" });
+  client.join("r");
+  answerJoin(ws, ws.last());
+  ws.receive({ type: "left", room: "r", ref: leave.ref }); // the slow answer to the old leave
+  assert.deepEqual(client.rooms, ["r"]);
+  assert.equal(events.filter(([n]) => n === "left").length, 0);
+});
+
+test("a welcome with a malformed heartbeat_ms does not spin the heartbeat timer", async () => {
+  const { clock, sockets } = await setup();
+  sockets[0].welcome({ heartbeat_ms: "25s" });
+  const armed = [...clock.timers.values()].map((t) => t.ms);
+  assert.ok(armed.every((ms) => ms >= 1000), `heartbeat re-armed after ${armed} ms`);
+});
+
+test("a backward jump of the wall clock does not stall publishes for the jump's length", async () => {
+  const { client, clock, sockets } = await setup();
+  sockets[0].welcome();
+  clock.t -= 3_600_000; // NTP correction, or the user sets the clock back an hour
+  client.publish("r", 1);
+  await clock.advance(5000);
+  assert.equal(sockets[0].sentOfType("publish").length, 1, `pump timer: ${[...clock.timers.values()].map((t) => t.ms)}`);
+});
+
+test("a re-join that fails for a passing reason is sent again on the same socket, backing off", async () => {
+  const { sockets, events, clock, client } = await setup();
+  sockets[0].welcome();
+  client.join("lobby");
+  answerJoin(sockets[0], sockets[0].last(), { messages: [{ id: "5-0", data: "old" }] });
+  sockets[0].serverClose(1006);
+  await clock.advance(closes(events).at(-1).delayMs);
+  const ws = sockets[1];
+  ws.welcome();
+  const first = ws.sentOfType("join")[0];
+  ws.receive({ type: "error", code: "unavailable", message: "broker down", ref: first.ref });
+  assert.equal(ws.sentOfType("join").length, 1, "not at once");
+  await clock.advance(250); // random() = 0.5 of initialMs 500
+  const second = ws.sentOfType("join")[1];
+  assert.equal(second?.since, "5-0", "sent again from the cursor");
+  ws.receive({ type: "error", code: "unavailable", message: "still down", ref: second.ref });
+  await clock.advance(499);
+  assert.equal(ws.sentOfType("join").length, 2, "the next try waits longer");
+  await clock.advance(1);
+  const third = ws.sentOfType("join")[2];
+  answerJoin(ws, third, { messages: [{ id: "6-0", data: "new" }] });
+  assert.deepEqual(
+    events.filter(([n]) => n === "recovered").map(([, r]) => [r.room, r.recovered, r.since]),
+    [["lobby", true, "5-0"]],
+  );
+  // ("old" was the first join's probe: the cursor, not a message for the app.)
+  assert.deepEqual(events.filter(([n]) => n === "message").map(([, m]) => m.data), ["new"]);
+  client.close();
+  assert.equal(clock.timers.size, 0, "no timer left");
 });
