@@ -105,9 +105,18 @@ pub struct Config {
     /// An HTTP connection must send a complete request head within this
     /// long of connecting, or of its previous response (an idle keep-alive
     /// connection), or it is closed: sockets that never finish a request
-    /// cannot pile up to the file limit. 0 disables it.
+    /// cannot pile up to the file limit. A `POST /api/publish` body must
+    /// arrive within it too. 0 disables it.
     #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
+
+    /// An HTTP connection not upgraded to a WebSocket is closed this long after
+    /// it opened (after the response under way, or at once if the client does
+    /// not take that within 3 s): a client that never reads its responses
+    /// cannot hold a socket forever. WebSocket sessions are not affected. 0
+    /// disables it.
+    #[arg(long, env = "HTTP_CONNECTION_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_connection_timeout: Duration,
 
     /// Interval of WebSocket pings; a peer silent for two intervals is disconnected.
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "25s", value_parser = parse_duration)]
@@ -248,6 +257,20 @@ impl Config {
         self.jwt_secret.is_none() && self.jwt_public_key.is_none()
     }
 
+    /// Drops empty entries from the comma-separated lists: `ALLOWED_ORIGINS=`
+    /// (set but empty) means any origin, as unset does, and a trailing comma
+    /// adds nothing.
+    pub fn without_empty_entries(mut self) -> Self {
+        for list in [
+            &mut self.trusted_proxies,
+            &mut self.api_keys,
+            &mut self.allowed_origins,
+        ] {
+            list.retain(|entry| !entry.trim().is_empty());
+        }
+        self
+    }
+
     /// Checks what clap cannot: combinations and lower bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.dev_mode() && !self.bind.ip().is_loopback() && !self.insecure {
@@ -285,6 +308,16 @@ impl Config {
         at_least("CLIENT_QUEUE", self.client_queue as u64, 1)?;
         at_least("HISTORY_SIZE", self.history_size as u64, 1)?;
         at_least("RATE_BURST", self.rate_burst as u64, 1)?;
+        at_least(
+            "MAX_CONNECTIONS_PER_USER",
+            self.max_connections_per_user as u64,
+            1,
+        )?;
+        at_least(
+            "MAX_CONNECTIONS_PER_IP",
+            self.max_connections_per_ip as u64,
+            1,
+        )?;
         at_least(
             "MAX_ROOMS_PER_CONNECTION",
             self.max_rooms_per_connection as u64,
@@ -423,6 +456,18 @@ mod tests {
             Err(ConfigError::BracesInClusterPrefix)
         );
         assert!(config(&["--redis-prefix", "{app}"]).validate().is_ok());
+    }
+
+    #[test]
+    fn empty_list_entries_are_dropped_and_zero_connection_limits_refused() {
+        let lists = config(&["--allowed-origins", "", "--trusted-proxies", "10.0.0.1,"])
+            .without_empty_entries();
+        assert!(lists.allowed_origins.is_empty(), "empty means any origin");
+        assert_eq!(lists.trusted_proxies, vec!["10.0.0.1"]);
+        assert!(lists.validate().is_ok());
+        for flag in ["--max-connections-per-user", "--max-connections-per-ip"] {
+            assert!(config(&[flag, "0"]).validate().is_err(), "{flag} 0");
+        }
     }
 
     #[test]

@@ -120,6 +120,19 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
     client
 }
 
+/// What the per-address connection limit counts: an IPv4 address (also
+/// when written IPv4-mapped, `::ffff:a.b.c.d`), or an IPv6 address's /64,
+/// the block one subscriber gets, whose addresses a client may rotate freely.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !(u128::from(u64::MAX));
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
 /// One X-Forwarded-For entry: an address, possibly with a port or brackets.
 fn parse_hop(hop: &str) -> Result<IpAddr, ()> {
     let hop = hop.trim();
@@ -160,11 +173,11 @@ impl<K: Eq + Hash + Clone> ConnectionCounts<K> {
     /// Counts one more connection for `key`, or `None` at the limit.
     pub fn admit(self: &Arc<Self>, key: K) -> Option<CountedConnection<K>> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(key.clone()).or_insert(0);
-        if *count >= self.limit {
+        // A refused key leaves no entry behind.
+        if counts.get(&key).is_some_and(|count| *count >= self.limit) {
             return None;
         }
-        *count += 1;
+        *counts.entry(key.clone()).or_insert(0) += 1;
         Some(CountedConnection {
             counts: self.clone(),
             key,
@@ -259,6 +272,16 @@ mod tests {
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+    }
+
+    #[test]
+    fn addresses_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let key = |ip: &str| address_key(ip.parse().unwrap()).to_string();
+        assert_eq!(key("198.51.100.9"), "198.51.100.9");
+        assert_eq!(key("::ffff:198.51.100.9"), "198.51.100.9");
+        assert_eq!(key("2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use roomcast::{Config, Node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::parse().without_empty_entries();
     match &config.command {
         Some(Command::Token(args)) => return print_token(&config, args),
         Some(Command::Healthcheck) => return healthcheck(&config),

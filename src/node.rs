@@ -127,6 +127,7 @@ pub struct Node {
 impl Node {
     /// Binds the listener and starts serving.
     pub async fn start(config: Config) -> Result<Node, NodeError> {
+        let config = config.without_empty_entries();
         config.validate()?;
         let listener = listen(config.bind).map_err(|e| NodeError::Bind(config.bind, e))?;
         let addr = listener
@@ -197,7 +198,8 @@ impl Node {
             connections_per_ip: ConnectionCounts::new(config.max_connections_per_ip),
             upgrades: std::sync::Mutex::new(TokenBucket::new(
                 config.upgrade_rate,
-                config.upgrade_rate * 2.0,
+                // At least one whole upgrade, however low the rate.
+                (config.upgrade_rate * 2.0).max(1.0),
             )),
             trusted_proxies: config
                 .trusted_proxies
@@ -213,7 +215,10 @@ impl Node {
         let server = tokio::spawn(serve_http(
             listener,
             app,
-            state.config.http_header_timeout,
+            HttpTimeouts {
+                header: state.config.http_header_timeout,
+                connection: state.config.http_connection_timeout,
+            },
             stopped,
         ));
         let stats_sharer = tokio::spawn(share_stats(state.clone()));
@@ -289,9 +294,13 @@ impl Node {
 async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
-    header_timeout: Duration,
+    timeouts: HttpTimeouts,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    let HttpTimeouts {
+        header: header_timeout,
+        connection: connection_timeout,
+    } = timeouts;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout((!header_timeout.is_zero()).then_some(header_timeout));
@@ -329,11 +338,27 @@ async fn serve_http(
             .with_upgrades();
         tokio::spawn(async move {
             tokio::pin!(connection);
+            // Ends once the connection is upgraded: the session lives on.
+            let lifetime = async {
+                if connection_timeout.is_zero() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(connection_timeout).await;
+            };
             let outcome = tokio::select! {
-                outcome = connection.as_mut() => outcome,
-                _ = closing_seen.changed() => {
+                outcome = connection.as_mut() => Some(outcome),
+                _ = closing_seen.changed() => None,
+                () = lifetime => None,
+            };
+            let outcome = match outcome {
+                Some(outcome) => outcome,
+                None => {
+                    // After the response under way, if the client takes it.
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    match tokio::time::timeout(crate::session::CLOSE_GRACE, connection).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => return,
+                    }
                 }
             };
             if let Err(err) = outcome {
@@ -345,6 +370,13 @@ async fn serve_http(
     let _ = closing.send(());
     // Every connection holds a receiver until it is done.
     closing.closed().await;
+}
+
+/// How long an HTTP connection may take: to send a request head, and in all
+/// before it is upgraded (0: no limit).
+struct HttpTimeouts {
+    header: Duration,
+    connection: Duration,
 }
 
 fn is_connection_error(err: &std::io::Error) -> bool {

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -92,11 +92,12 @@ fn from_rejection(rejection: Rejection) -> Response {
     bad_body(rejection.message)
 }
 
-/// `POST /api/publish` with `Authorization: Bearer <API key>`.
+/// `POST /api/publish` with `Authorization: Bearer <API key>`. The body is
+/// read only once the key is checked, and within `HTTP_HEADER_TIMEOUT`.
 pub async fn publish(
     State(node): State<Arc<NodeState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let keys = &node.config.api_keys;
     if keys.is_empty() {
@@ -113,16 +114,31 @@ pub async fn publish(
             "missing or wrong API key (Authorization: Bearer <key>)",
         );
     }
-    if body.len() > node.config.max_message_bytes {
+    let limit = node.config.max_message_bytes;
+    let read = axum::body::to_bytes(body, limit);
+    let timeout = node.config.http_header_timeout;
+    let body = if timeout.is_zero() {
+        read.await
+    } else {
+        match tokio::time::timeout(timeout, read).await {
+            Ok(read) => read,
+            Err(_) => {
+                return refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the body did not arrive within HTTP_HEADER_TIMEOUT",
+                )
+            }
+        }
+    };
+    let Ok(body) = body else {
+        // Too long, or the connection failed mid-body.
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!(
-                "bodies are at most {} bytes (MAX_MESSAGE_BYTES)",
-                node.config.max_message_bytes
-            ),
+            format!("bodies are at most {limit} bytes (MAX_MESSAGE_BYTES)"),
         );
-    }
+    };
     let request: ApiPublish<'_> = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(err) => {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,11 +42,21 @@ pub fn router(state: Arc<NodeState>) -> Router {
         )
         .route("/client.js", get(client_js))
         .route("/auth/ticket", post(api::ticket))
-        .route(
-            "/api/publish",
-            post(api::publish).layer(DefaultBodyLimit::max(state.config.max_message_bytes)),
-        )
+        // The handler reads the body itself, after the key check, bounded.
+        .route("/api/publish", post(api::publish))
         .with_state(state)
+}
+
+/// Every X-Forwarded-For line, in order, as one list: a proxy may append a
+/// line of its own rather than extend the client's. A line that is not text
+/// stays in place as an entry no address parses from.
+fn forwarded_for(headers: &HeaderMap) -> Option<String> {
+    let lines: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|line| line.to_str().unwrap_or("?"))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(","))
 }
 
 /// A JSON error body: `{"error": code, "message": text}`.
@@ -89,9 +99,12 @@ async fn upgrade(
             );
         }
     }
-    let forwarded_for = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let client_ip = limits::client_ip(peer.ip(), forwarded_for, &node.trusted_proxies);
-    let Some(ip_slot) = node.connections_per_ip.admit(client_ip) else {
+    let forwarded_for = forwarded_for(&headers);
+    let client_ip = limits::client_ip(peer.ip(), forwarded_for.as_deref(), &node.trusted_proxies);
+    let Some(ip_slot) = node
+        .connections_per_ip
+        .admit(limits::address_key(client_ip))
+    else {
         node.stats.upgrade_refused("ip_limit");
         return refuse(
             StatusCode::TOO_MANY_REQUESTS,
@@ -111,8 +124,17 @@ async fn upgrade(
             return refuse(status, code, message);
         }
     };
-    // Paced after authentication, so junk upgrades cannot use up the
-    // budget that real clients reconnecting after a failure need.
+    let Some(user_slot) = node.connections_per_user.admit(identity.user.clone()) else {
+        node.stats.upgrade_refused("user_limit");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
+        );
+    };
+    // Paced last, after authentication and the per-address and per-user
+    // limits: junk upgrades, and a user or address over its limit, cannot
+    // use up the budget that real clients reconnecting after a failure need.
     let admitted = node
         .upgrades
         .lock()
@@ -126,14 +148,6 @@ async fn upgrade(
             "too many new connections right now (UPGRADE_RATE); retry shortly",
         ));
     }
-    let Some(user_slot) = node.connections_per_user.admit(identity.user.clone()) else {
-        node.stats.upgrade_refused("user_limit");
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
-        );
-    };
     let (response, on_upgrade) = upgrade.accept();
     tokio::spawn(session::serve(
         on_upgrade,
@@ -189,13 +203,12 @@ async fn identify(
     })
 }
 
-/// The token of an `Authorization: Bearer` header.
+/// The token of an `Authorization: Bearer` header (the scheme in any case,
+/// as RFC 9110 has it).
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn origin_allowed(allowed: &[String], origin: &str) -> bool {

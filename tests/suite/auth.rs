@@ -53,6 +53,11 @@ async fn a_valid_token_in_the_query_or_the_authorization_header_names_the_user()
     let by_header =
         Client::connect_with(&node.ws_url("user=mallory"), &[("authorization", &bearer)]).await;
     assert_eq!(by_header.welcome["user"], "alice");
+    // The scheme is case-insensitive (RFC 9110).
+    let lower = format!("bearer {t}");
+    let by_lower =
+        Client::connect_with(&node.ws_url("user=mallory"), &[("authorization", &lower)]).await;
+    assert_eq!(by_lower.welcome["user"], "alice");
 }
 
 #[tokio::test]

@@ -645,6 +645,120 @@ async fn x_forwarded_for_counts_only_from_a_trusted_proxy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_own_x_forwarded_for_line_counts_and_ipv6_clients_count_per_64() {
+    let node = TestNode::start(&[
+        "--trusted-proxies",
+        "127.0.0.1",
+        "--max-connections-per-ip",
+        "2",
+    ])
+    .await;
+    let url = node.ws_url("user=u");
+    // The client wrote the first line; the proxy appended the second.
+    let appended = |spoof: &'static str| {
+        [
+            ("x-forwarded-for", spoof),
+            ("x-forwarded-for", "198.51.100.1"),
+        ]
+    };
+    let _a = Client::connect_with(&url, &appended("203.0.113.1")).await;
+    let _b = Client::connect_with(&url, &appended("203.0.113.2")).await;
+    let (status, _) = refused_upgrade(&url, &appended("203.0.113.3")).await;
+    assert_eq!(status, 429, "the proxy's line names the client");
+
+    // Addresses of one IPv6 /64 are one client; so are both spellings of
+    // an IPv4 address.
+    let behind = |ip: &'static str| [("x-forwarded-for", ip)];
+    let _c = Client::connect_with(&url, &behind("2001:db8:1:2::1")).await;
+    let _d = Client::connect_with(&url, &behind("2001:db8:1:2::2")).await;
+    let (status, _) = refused_upgrade(&url, &behind("2001:db8:1:2::3")).await;
+    assert_eq!(status, 429, "a third address of the same /64");
+    let _e = Client::connect_with(&url, &behind("2001:db8:1:3::1")).await;
+    let _f = Client::connect_with(&url, &behind("198.51.100.9")).await;
+    let _g = Client::connect_with(&url, &behind("198.51.100.9")).await;
+    let (status, _) = refused_upgrade(&url, &behind("::ffff:198.51.100.9")).await;
+    assert_eq!(status, 429, "an IPv4-mapped spelling of a full address");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_its_connection_limit_does_not_spend_the_upgrade_budget() {
+    let node = TestNode::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--upgrade-rate",
+        "5",
+        "--max-connections-per-user",
+        "1",
+    ])
+    .await;
+    let token_of = |user: &str| jwt(json!({"sub": user, "exp": unix_now() + 300}));
+    let mallory = node.ws_url(&format!("token={}", token_of("mallory")));
+    let _held = Client::connect(&mallory).await;
+    for _ in 0..30 {
+        assert_eq!(refused_upgrade(&mallory, &[]).await.0, 429);
+    }
+    let alice = node.ws_url(&format!("token={}", token_of("alice")));
+    let _alice = Client::connect(&alice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_upgrade_rate_still_admits_an_upgrade() {
+    let node = TestNode::start(&["--upgrade-rate", "0.4"]).await;
+    let _client = node.connect("u").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_publish_is_refused_unread_and_a_body_that_never_arrives_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(&["--api-keys", API_KEY, "--http-header-timeout", "1s"]).await;
+    let (status, answer) =
+        http_request(node.addr, "POST", "/api/publish", &[], &"x".repeat(70_000)).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(answer.starts_with('{'), "a JSON error: {answer}");
+
+    let mut socket = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Length: 60000\r\n\r\n{{\"room\":"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "the connection was still open after 10 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_that_never_reads_its_responses_is_closed_after_the_connection_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start(&["--http-connection-timeout", "2s"]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(node.addr).await.unwrap();
+    const REQUESTS: usize = 300; // some 8 MB of client.js
+    let requests = "GET /client.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(REQUESTS);
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    // Past the connection timeout and its 3 s grace, without reading.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut received = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut received)).await;
+    assert!(ended.is_ok(), "still open after 36 s");
+    let answered = received
+        .windows(15)
+        .filter(|w| *w == b"HTTP/1.1 200 OK")
+        .count();
+    assert!(
+        answered < REQUESTS,
+        "all {answered} answers were kept for a client that did not read"
+    );
+    let (status, _) = http_get(node.addr, "/healthz").await;
+    assert_eq!(status, 200, "others are served as usual");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_racing_a_reconnect_leaves_both_sessions_valid() {
     let node = TestNode::start(&["--jwt-secret", SECRET, "--jwt-leeway", "0s"]).await;
     let short = jwt(json!({"sub":"alice","exp":unix_now()+10}));

@@ -536,7 +536,7 @@ pub async fn http_exchange(
 fn upgrade_request(url: &str, headers: &[(&str, &str)]) -> Request {
     let mut request = url.into_client_request().expect("valid url");
     for (name, value) in headers {
-        request.headers_mut().insert(
+        request.headers_mut().append(
             HeaderName::from_bytes(name.as_bytes()).expect("valid header name"),
             HeaderValue::from_str(value).expect("valid header value"),
         );
