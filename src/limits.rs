@@ -40,6 +40,41 @@ impl TokenBucket {
     }
 }
 
+/// A token bucket per key (a user, say), for keys that come and go: buckets
+/// that have refilled are forgotten once there are many.
+#[derive(Debug)]
+pub struct KeyedRate {
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+    rate: f64,
+    burst: f64,
+}
+
+/// Keys tracked before refilled buckets are swept.
+const KEYED_RATE_SWEEP: usize = 10_000;
+
+impl KeyedRate {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        KeyedRate {
+            buckets: Mutex::new(HashMap::new()),
+            rate,
+            burst,
+        }
+    }
+
+    pub fn try_take(&self, key: &str, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= KEYED_RATE_SWEEP && !buckets.contains_key(key) {
+            // A refilled bucket is the same as a new one.
+            let full_after = std::time::Duration::from_secs_f64(self.burst / self.rate);
+            buckets.retain(|_, bucket| now.saturating_duration_since(bucket.last) < full_after);
+        }
+        buckets
+            .entry(key.to_string())
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
+            .try_take(now)
+    }
+}
+
 /// An IP address or a CIDR block, as in TRUSTED_PROXIES.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpNet {
@@ -272,6 +307,16 @@ mod tests {
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+    }
+
+    #[test]
+    fn a_keyed_rate_limits_each_key_alone() {
+        let rate = KeyedRate::new(1.0, 2.0);
+        let now = Instant::now();
+        assert!(rate.try_take("amy", now) && rate.try_take("amy", now));
+        assert!(!rate.try_take("amy", now), "amy's burst is spent");
+        assert!(rate.try_take("bob", now), "bob has his own");
+        assert!(rate.try_take("amy", now + std::time::Duration::from_secs(1)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::broker::redis::{RedisBroker, RedisServers, RedisSettings};
 use crate::broker::{Broker, BrokerError, BrokerState, Delivery};
 use crate::config::{Config, ConfigError};
 use crate::hub::{CloseReason, Dispatcher, Hub};
-use crate::limits::{ConnectionCounts, IpNet, TokenBucket};
+use crate::limits::{ConnectionCounts, IpNet, KeyedRate, TokenBucket};
 use crate::stats::Stats;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
@@ -42,6 +42,8 @@ pub struct NodeState {
     pub connections_per_user: Arc<ConnectionCounts<Arc<str>>>,
     pub connections_per_ip: Arc<ConnectionCounts<IpAddr>>,
     pub upgrades: std::sync::Mutex<TokenBucket>,
+    /// `POST /auth/ticket` per user: one user cannot fill the ticket store.
+    pub tickets_per_user: KeyedRate,
     pub trusted_proxies: Vec<IpNet>,
     draining: AtomicBool,
     next_conn: AtomicU64,
@@ -201,6 +203,7 @@ impl Node {
                 // At least one whole upgrade, however low the rate.
                 (config.upgrade_rate * 2.0).max(1.0),
             )),
+            tickets_per_user: KeyedRate::new(TICKETS_PER_USER_RATE, TICKETS_PER_USER_BURST),
             trusted_proxies: config
                 .trusted_proxies
                 .iter()
@@ -386,6 +389,11 @@ fn is_connection_error(err: &std::io::Error) -> bool {
         ConnectionRefused | ConnectionAborted | ConnectionReset
     )
 }
+
+/// Tickets a user may take per second on a node, and in a burst: a browser
+/// needs one per connection.
+const TICKETS_PER_USER_RATE: f64 = 5.0;
+const TICKETS_PER_USER_BURST: f64 = 20.0;
 
 /// Pending connections the kernel queues before `accept`. std's 128 overflows
 /// in a reconnect storm (each overflow is a client retrying a second later);

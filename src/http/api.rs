@@ -40,8 +40,19 @@ pub async fn ticket(State(node): State<Arc<NodeState>>, headers: HeaderMap) -> R
             "send the JWT as Authorization: Bearer <token>",
         );
     };
-    if let Err(err) = node.auth.verify(token) {
-        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string());
+    let identity = match node.auth.verify(token) {
+        Ok(identity) => identity,
+        Err(err) => return refuse(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string()),
+    };
+    if !node
+        .tickets_per_user
+        .try_take(&identity.user, tokio::time::Instant::now())
+    {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many tickets for this user; one per connection is enough",
+        );
     }
     let ticket = match random_ticket() {
         Ok(ticket) => ticket,

@@ -211,7 +211,7 @@ async fn bad_credentials_are_refused_before_any_socket_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ticket_works_once_and_the_api_refuses_bad_keys_and_bodies() {
+async fn a_ticket_works_once_a_user_cannot_hoard_them_and_the_api_refuses_bad_keys_and_bodies() {
     let mut arena = Arena::new().await;
     let addr = arena.node.addr;
     let ticket = fetch_ticket(addr, &user_token("eve")).await;
@@ -235,6 +235,23 @@ async fn a_ticket_works_once_and_the_api_refuses_bad_keys_and_bodies() {
         assert_eq!(got, status, "{case}: {body}");
         arena.bystander_still_served(case).await;
     }
+    // One user asking for tickets in a loop is limited, alone.
+    let hoarder = format!("Bearer {}", user_token("hoarder"));
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let headers = [("authorization", hoarder.as_str())];
+        statuses.push(
+            http_request(addr, "POST", "/auth/ticket", &headers, "")
+                .await
+                .0,
+        );
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    fetch_ticket(addr, &user_token("eve")).await;
 
     let good_key = format!("Bearer {API_KEY}");
     let wrong_key = format!("Bearer {API_KEY}x");
