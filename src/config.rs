@@ -126,7 +126,8 @@ pub struct Config {
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000)]
     pub history_size: usize,
 
-    /// Embedded mode: bytes of history kept in memory over all rooms; past it the rooms
+    /// Embedded mode: bytes of history kept in memory over all rooms (messages,
+    /// idempotency keys and their bookkeeping); past it the rooms
     /// silent the longest are dropped (their resumes say recovered:false). With Redis,
     /// bound the streams with Redis's own maxmemory instead.
     #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]

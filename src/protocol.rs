@@ -427,6 +427,14 @@ fn name_chars_ok(name: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/'))
 }
 
+/// An idempotency key as stored: the sender's own, so another sender's
+/// identical key is another message. A space never occurs in a name, so no
+/// two (sender, key) pairs give the same text (`/` would: user `a` with key
+/// `b/c` and user `a/b` with key `c`).
+pub fn sender_key(sender: &str, key: &str) -> String {
+    format!("{sender} {key}")
+}
+
 /// Room names: 1 to 128 bytes of ASCII letters, digits and `_ - . : @ /`.
 pub fn validate_room(room: &str) -> Result<(), Rejection> {
     if room.is_empty() || room.len() > MAX_ROOM_NAME || !name_chars_ok(room) {

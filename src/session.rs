@@ -30,8 +30,8 @@ use crate::hub::{
 use crate::limits::TokenBucket;
 use crate::node::NodeState;
 use crate::protocol::{
-    close, encode_error, now_ms, parse_client_frame, CatchUp, ErrorCode, MessageTemplate, Parsed,
-    Rejection, Request, ServerFrame,
+    close, encode_error, now_ms, parse_client_frame, sender_key, CatchUp, ErrorCode,
+    MessageTemplate, Parsed, Rejection, Request, ServerFrame,
 };
 
 /// The socket as this session's WebSocket parser sees it.
@@ -425,7 +425,7 @@ impl Reader<'_> {
                 let template = MessageTemplate::new(&room, &user, data);
                 let started = Instant::now();
                 // Keys are the sender's own: another user's key cannot shadow them.
-                let key = key.map(|key| format!("{user}/{key}"));
+                let key = key.map(|key| sender_key(&user, &key));
                 let stored = node
                     .broker
                     .publish_room(&room, template, key.as_deref())
@@ -545,17 +545,24 @@ impl Reader<'_> {
         };
         match replay {
             Ok(replay) => {
+                // Trusted as what the client has only when history vouches
+                // for it: a `since` it could not place (from before a
+                // restart, or made up) must not hide the replay or live frames.
+                let since = match catch_up {
+                    CatchUp::Since(since) if replay.recovered => Some(since),
+                    _ => None,
+                };
+                // What goes out: each message reaches a connection once, so a
+                // re-join skips what this connection was already sent.
+                let floor = self.mailbox.last_written(&room).max(since);
+                let replayed = replay.messages.iter().filter(|m| m.id > floor).count();
                 let joined = ServerFrame::Joined {
                     room: &room,
                     recovered: replay.recovered,
-                    replayed: replay.messages.len(),
+                    replayed,
                     reference,
                 }
                 .encode();
-                let since = match catch_up {
-                    CatchUp::Since(since) => Some(since),
-                    _ => None,
-                };
                 self.offer(Outbound::JoinCompleted(Box::new(JoinCompletion {
                     room,
                     since,

@@ -301,7 +301,13 @@ impl Stats {
 
     /// The Prometheus text exposition: the counters and gauges given, then
     /// the histograms.
-    pub fn render_prometheus(&self, gauges: &[(&str, &str, f64)]) -> String {
+    /// The Prometheus text: `gauges` and `counters` from the caller (name,
+    /// help, value), then the node's own counters and histograms.
+    pub fn render_prometheus(
+        &self,
+        gauges: &[(&str, &str, f64)],
+        counters: &[(&str, &str, u64)],
+    ) -> String {
         use std::fmt::Write;
         let c = self.snapshot_counters();
         let mut out = String::with_capacity(4096);
@@ -320,7 +326,7 @@ impl Stats {
             "Seconds since the node started",
             &[(String::new(), self.uptime().as_secs_f64())],
         );
-        let counters = [
+        let own = [
             (
                 "roomcast_connections_opened_total",
                 "WebSocket sessions accepted",
@@ -352,7 +358,7 @@ impl Stats {
                 c.slow_consumer_closes,
             ),
         ];
-        for (name, help, value) in counters {
+        for (name, help, value) in counters.iter().copied().chain(own) {
             metric(name, "counter", help, &[(String::new(), value as f64)]);
         }
         let by_label = [
@@ -432,7 +438,8 @@ mod tests {
         stats.connection_closed(4008);
         stats.connection_closed(4321);
         stats.record_fanout(Duration::from_micros(20));
-        let text = stats.render_prometheus(&[("roomcast_connections", "Open connections", 3.0)]);
+        let text =
+            stats.render_prometheus(&[("roomcast_connections", "Open connections", 3.0)], &[]);
         assert!(text.contains("roomcast_connections 3"), "{text}");
         assert!(text.contains("roomcast_messages_in_total 1"), "{text}");
         assert!(

@@ -586,7 +586,7 @@ impl RedisBroker {
             // whatever `since` is, it cannot be shown complete.
             None => log.assume_complete_after(MessageId::new(now_ms(), 0)),
         }
-        Ok(log.read(catch_up).unwrap_or_default())
+        Ok(log.answer(catch_up))
     }
 
     fn read_tail(&self, room: &Arc<str>, catch_up: CatchUp) -> Option<Replay> {

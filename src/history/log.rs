@@ -96,8 +96,18 @@ impl RoomLog {
         self.complete_after = Some(floor);
     }
 
+    /// The catch-up from this log when it is the authority (the history
+    /// itself, or a tail just refilled from it): where it cannot tell,
+    /// everything it holds, not recovered.
+    pub fn answer(&self, catch_up: CatchUp) -> Replay {
+        self.read(catch_up).unwrap_or_else(|| Replay {
+            messages: self.messages.iter().cloned().collect(),
+            recovered: false,
+        })
+    }
+
     /// The catch-up from this log, or `None` when it does not reach back far
-    /// enough to know.
+    /// enough to know, or `since` is newer than anything it holds.
     pub fn read(&self, catch_up: CatchUp) -> Option<Replay> {
         match catch_up {
             CatchUp::None => Some(Replay {
@@ -115,6 +125,16 @@ impl RoomLog {
                 })
             }
             CatchUp::Since(since) => {
+                // Past everything this log knows of: an id from before a
+                // restart whose clock stepped back, or not an id of this
+                // room at all. Nothing here can say what came after it.
+                let newest = self.messages.back().and_then(|m| m.id);
+                if newest
+                    .max(self.complete_after)
+                    .is_some_and(|newest| since > newest)
+                {
+                    return None;
+                }
                 let first = self.messages.front().and_then(|m| m.id);
                 let recovered = match (self.complete_after, first) {
                     (Some(floor), _) => since >= floor,

@@ -16,6 +16,12 @@ use crate::protocol::{CatchUp, MessageId, MessageTemplate, RoomFrame};
 
 /// How many idempotency keys a room remembers per message of history.
 const KEYS_PER_HISTORY_SLOT: usize = 4;
+/// What `HISTORY_MAX_BYTES` charges beyond the text, roughly what the
+/// allocations around it take: per message held, per key remembered (its
+/// text twice, in the map and in the expiry order), per room.
+const MESSAGE_OVERHEAD: usize = 96;
+const KEY_OVERHEAD: usize = 96;
+const ROOM_OVERHEAD: usize = 256;
 
 pub struct MemoryHistory {
     inner: Mutex<Inner>,
@@ -27,7 +33,7 @@ pub struct MemoryHistory {
 struct Inner {
     rooms: HashMap<Arc<str>, RoomHistory>,
     last_issued: MessageId,
-    /// Frame bytes held over all rooms.
+    /// What the rooms cost over all ([`RoomHistory::cost`]).
     bytes: usize,
 }
 
@@ -37,13 +43,15 @@ struct RoomHistory {
     last_activity: Instant,
     keys: HashMap<Box<str>, MessageId>,
     key_order: VecDeque<(Box<str>, Instant)>,
+    /// Bytes of the keys' text, as held (twice each).
+    key_bytes: usize,
 }
 
 impl MemoryHistory {
-    /// `max_bytes` bounds the frames held over all rooms: past it, the rooms
-    /// silent the longest are dropped whole (their resumes then say
-    /// `recovered:false`), so publishing to endless new rooms cannot exhaust
-    /// memory.
+    /// `max_bytes` bounds what the rooms hold over all (messages, keys and
+    /// their bookkeeping): past it, the rooms silent the longest are dropped
+    /// whole (their resumes then say `recovered:false`, and their keys are
+    /// forgotten), so publishing to endless new rooms cannot exhaust memory.
     pub fn new(capacity: usize, ttl: Duration, max_bytes: usize) -> Self {
         MemoryHistory {
             inner: Mutex::new(Inner {
@@ -78,9 +86,10 @@ impl MemoryHistory {
         let now = Instant::now();
         let ttl = self.ttl;
         let mut inner = self.lock();
-        if let Some(log) = inner.rooms.get_mut(room) {
-            log.forget_keys_older_than(now, ttl);
-            if let Some(id) = key.and_then(|k| log.keys.get(k)) {
+        let Inner { rooms, bytes, .. } = &mut *inner;
+        if let Some(history) = rooms.get_mut(room) {
+            *bytes -= history.forget_keys_older_than(now, ttl);
+            if let Some(id) = key.and_then(|k| history.keys.get(k)) {
                 return Stored {
                     id: *id,
                     duplicate: true,
@@ -106,19 +115,25 @@ impl MemoryHistory {
                 last_activity: now,
                 keys: HashMap::new(),
                 key_order: VecDeque::new(),
+                key_bytes: 0,
             });
         let frame = Arc::new(RoomFrame {
             room,
             id: Some(id),
             text: template.with_id(id).into(),
         });
-        let before = history.log.bytes();
+        // A new room costs nothing before this.
+        let before = if history.log.is_empty() {
+            0
+        } else {
+            history.cost(&frame.room)
+        };
         history.log.push(frame.clone(), self.capacity);
-        let after = history.log.bytes();
         history.last_activity = now;
         if let Some(key) = key {
             history.remember_key(key, id, now, self.capacity * KEYS_PER_HISTORY_SLOT);
         }
+        let after = history.cost(&frame.room);
         inner.bytes = inner.bytes + after - before;
         while inner.bytes > self.max_bytes {
             let Some(oldest) = inner
@@ -130,7 +145,7 @@ impl MemoryHistory {
                 break;
             };
             if let Some(dropped) = inner.rooms.remove(&oldest) {
-                inner.bytes -= dropped.log.bytes();
+                inner.bytes -= dropped.cost(&oldest);
                 tracing::warn!(room = %oldest, "history over HISTORY_MAX_BYTES: dropped the room silent the longest");
             }
         }
@@ -145,8 +160,9 @@ impl MemoryHistory {
     pub fn read(&self, room: &str, catch_up: CatchUp) -> Replay {
         let inner = self.lock();
         match inner.rooms.get(room) {
-            // Every log here knows where it starts, so it always answers.
-            Some(history) => history.log.read(catch_up).unwrap_or_default(),
+            // Every log here knows where it starts, so it answers; a `since`
+            // past its newest id gets all it holds, not recovered.
+            Some(history) => history.log.answer(catch_up),
             // A room without history cannot prove that nothing after `since`
             // existed (it may have expired, or the node restarted).
             None => Replay {
@@ -160,18 +176,15 @@ impl MemoryHistory {
     pub fn expire(&self, now: Instant) {
         let ttl = self.ttl;
         let mut inner = self.lock();
-        let mut freed = 0;
-        inner.rooms.retain(|_, history| {
-            let keep = now.duration_since(history.last_activity) < ttl;
-            if !keep {
-                freed += history.log.bytes();
+        let Inner { rooms, bytes, .. } = &mut *inner;
+        rooms.retain(|name, history| {
+            if now.duration_since(history.last_activity) >= ttl {
+                *bytes -= history.cost(name);
+                return false;
             }
-            keep
+            *bytes -= history.forget_keys_older_than(now, ttl);
+            true
         });
-        inner.bytes -= freed;
-        for log in inner.rooms.values_mut() {
-            log.forget_keys_older_than(now, ttl);
-        }
     }
 
     /// (rooms with history, messages held)
@@ -183,24 +196,45 @@ impl MemoryHistory {
 }
 
 impl RoomHistory {
+    /// What `HISTORY_MAX_BYTES` charges for this room.
+    fn cost(&self, name: &str) -> usize {
+        ROOM_OVERHEAD
+            + name.len()
+            + self.log.bytes()
+            + self.log.len() * MESSAGE_OVERHEAD
+            + self.key_bytes
+            + self.key_order.len() * KEY_OVERHEAD
+    }
+
+    /// Remembers `key`; the oldest keys past `max_keys` are forgotten.
     fn remember_key(&mut self, key: &str, id: MessageId, now: Instant, max_keys: usize) {
         self.keys.insert(key.into(), id);
         self.key_order.push_back((key.into(), now));
+        self.key_bytes += 2 * key.len();
         while self.key_order.len() > max_keys {
-            if let Some((old, _)) = self.key_order.pop_front() {
-                self.keys.remove(&old);
-            }
+            self.forget_oldest_key();
         }
     }
 
-    fn forget_keys_older_than(&mut self, now: Instant, ttl: Duration) {
-        while let Some((key, at)) = self.key_order.front() {
+    /// Forgets keys older than `ttl`; what that frees of the room's cost.
+    fn forget_keys_older_than(&mut self, now: Instant, ttl: Duration) -> usize {
+        let mut freed = 0;
+        while let Some((_, at)) = self.key_order.front() {
             if now.duration_since(*at) < ttl {
                 break;
             }
-            self.keys.remove(key);
-            self.key_order.pop_front();
+            freed += self.forget_oldest_key();
         }
+        freed
+    }
+
+    fn forget_oldest_key(&mut self) -> usize {
+        let Some((key, _)) = self.key_order.pop_front() else {
+            return 0;
+        };
+        self.keys.remove(&key);
+        self.key_bytes -= 2 * key.len();
+        2 * key.len() + KEY_OVERHEAD
     }
 }
 
@@ -298,7 +332,9 @@ mod tests {
     #[test]
     fn past_the_byte_budget_the_room_silent_the_longest_is_dropped() {
         let frame_bytes = template(1).with_id(MessageId::new(100, 0)).len();
-        let h = MemoryHistory::new(10, Duration::from_secs(60), frame_bytes * 3);
+        // Room "old" with one message and room "new" with two fill it.
+        let budget = 2 * (ROOM_OVERHEAD + 3) + 3 * (frame_bytes + MESSAGE_OVERHEAD);
+        let h = MemoryHistory::new(10, Duration::from_secs(60), budget);
         let old = h.append("old", &template(1), None, 100, |_| {}).id;
         std::thread::sleep(Duration::from_millis(2));
         h.append("new", &template(1), None, 101, |_| {});
@@ -318,5 +354,44 @@ mod tests {
         assert!(!h.read("r", CatchUp::Since(old)).recovered);
         let new = publish(&h, 2, 500);
         assert!(new > old);
+    }
+
+    #[test]
+    fn the_byte_budget_counts_idempotency_keys() {
+        let budget = 64 * 1024;
+        let h = MemoryHistory::new(100, Duration::from_secs(60), budget);
+        let long = "k".repeat(120);
+        for room in 0..50 {
+            let room = format!("room-{room}");
+            for n in 0..400u32 {
+                let key = format!("user {long}{n}");
+                h.append(&room, &template(n), Some(&key), 1_000 + n as u64, |_| {});
+            }
+        }
+        let inner = h.lock();
+        let held: usize = inner
+            .rooms
+            .values()
+            .map(|r| r.log.bytes() + r.keys.keys().map(|k| 2 * k.len()).sum::<usize>())
+            .sum();
+        assert!(
+            held <= budget,
+            "{held} bytes of messages and keys held, budget {budget}"
+        );
+        let costs: usize = inner.rooms.iter().map(|(name, r)| r.cost(name)).sum();
+        assert_eq!(inner.bytes, costs, "the running total matches the rooms");
+        drop(inner);
+        h.expire(Instant::now() + Duration::from_secs(120));
+        assert_eq!(h.lock().bytes, 0, "all of it freed once expired");
+    }
+
+    #[test]
+    fn a_since_past_every_id_issued_is_not_recovered_and_gets_what_there_is() {
+        let h = MemoryHistory::new(10, Duration::from_secs(60), usize::MAX);
+        // A client saw 2000-3 before a restart whose clock stepped back.
+        let missed = publish(&h, 1, 1_000);
+        let replay = h.read("r", CatchUp::Since(MessageId::new(2_000, 3)));
+        assert!(!replay.recovered);
+        assert_eq!(ids(&replay), vec![missed]);
     }
 }

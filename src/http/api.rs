@@ -20,7 +20,7 @@ use crate::auth::{key_matches, random_ticket, TICKET_TTL};
 use crate::broker::Channel;
 use crate::node::NodeState;
 use crate::protocol::{
-    check_depth, validate_room, validate_user, MessageTemplate, Rejection, ServerFrame,
+    check_depth, sender_key, validate_room, validate_user, MessageTemplate, Rejection, ServerFrame,
     MAX_KEY_BYTES,
 };
 
@@ -186,7 +186,7 @@ pub async fn publish(
             }
             let template = MessageTemplate::new(&room, from, request.data);
             // Scoped to the sender, as for clients.
-            let key = request.key.map(|key| format!("{from}/{key}"));
+            let key = request.key.map(|key| sender_key(from, &key));
             match node
                 .broker
                 .publish_room(&room, template, key.as_deref())

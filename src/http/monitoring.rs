@@ -163,25 +163,26 @@ pub async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
             "Connections the node subscribes on (one per Redis server or Cluster shard it needs)",
             broker.subscriber_connections as f64,
         ),
+    ], &[
         (
-            "roomcast_broker_reconnects",
+            "roomcast_broker_reconnects_total",
             "Times the broker subscriptions were restored after a subscriber connection failed",
-            broker.reconnects as f64,
+            broker.reconnects,
         ),
         (
-            "roomcast_broker_channels_moved",
+            "roomcast_broker_channels_moved_total",
             "Channels subscribed again elsewhere because a Redis Cluster node stopped serving them",
-            broker.channels_moved as f64,
+            broker.channels_moved,
         ),
         (
-            "roomcast_broker_gap_messages_recovered",
+            "roomcast_broker_gap_messages_recovered_total",
             "Messages delivered from history after a broker reconnect",
-            broker.gap_messages_recovered as f64,
+            broker.gap_messages_recovered,
         ),
         (
-            "roomcast_broker_stream_reads",
+            "roomcast_broker_stream_reads_total",
             "History reads that went to the shared store",
-            broker.stream_reads as f64,
+            broker.stream_reads,
         ),
     ]);
     (

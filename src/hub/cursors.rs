@@ -89,6 +89,12 @@ impl Cursors {
         }
     }
 
+    /// The newest id of `room` written to this connection.
+    pub fn last_written(&self, room: &Arc<str>) -> Option<MessageId> {
+        let at = self.rooms.position(room)?;
+        self.rooms.0[at].1.last
+    }
+
     /// A cursor for `room` as a completed join leaves it (tests of the
     /// fan-out, which join through the hub alone).
     #[cfg(test)]

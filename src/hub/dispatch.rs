@@ -270,7 +270,7 @@ mod tests {
         let (hub, _peer) = member().await;
         let stats = hub.stats.clone();
         let fan_outs = || {
-            let text = stats.render_prometheus(&[]);
+            let text = stats.render_prometheus(&[], &[]);
             text.lines()
                 .find_map(|line| line.strip_prefix("roomcast_fanout_seconds_count "))
                 .map(|count| count.trim().to_string())

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use super::close::{CloseReason, CloseSignal};
 use super::cursors::Cursors;
 use super::Outbound;
-use crate::protocol::{close, RoomFrame};
+use crate::protocol::{close, MessageId, RoomFrame};
 use crate::stats::Stats;
 
 /// Queue entries written per `writev` at most (two slices each).
@@ -614,6 +614,12 @@ impl Mailbox {
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// The newest id of `room` written (or queued) to this connection. Steady
+    /// while a join of the room is under way: its live frames are held.
+    pub fn last_written(&self, room: &Arc<str>) -> Option<MessageId> {
+        self.shared.lock().cursors.last_written(room)
     }
 
     /// Joins `room` as far as the cursors go (tests of the fan-out).

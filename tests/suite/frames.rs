@@ -219,6 +219,30 @@ async fn a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_f
     bob.expect_silence(Duration::from_millis(300)).await;
 }
 
+async fn another_senders_key_that_spells_the_same_text_is_another_message(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut reader = cluster.connect("reader").await;
+    reader.join("k").await;
+    // "alice" + "x/k" and "alice/x" + "k" must not meet.
+    let mut alice = cluster.connect("alice").await;
+    let mut other = cluster.connect("alice/x").await;
+    alice
+        .send(json!({"type":"publish","room":"k","data":"from alice","key":"x/k","ref":1}))
+        .await;
+    let first = alice.expect("ack").await;
+    other
+        .send(json!({"type":"publish","room":"k","data":"from alice/x","key":"k","ref":2}))
+        .await;
+    let second = other.expect("ack").await;
+    assert_ne!(first["id"], second["id"]);
+    let got: Vec<_> = collect_messages(&mut reader, 2)
+        .await
+        .into_iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(got, vec![json!("from alice"), json!("from alice/x")]);
+}
+
 async fn with_a_write_delay_a_busy_rooms_messages_wait_for_it_and_arrive_in_order(
     topology: Topology,
 ) {
@@ -258,4 +282,5 @@ conformance!(
     presence_lists_users_and_members_see_join_and_leave_events,
     ping_gets_pong_with_the_ref,
     a_retried_publish_with_the_same_key_is_stored_once_and_acked_with_the_first_id,
+    another_senders_key_that_spells_the_same_text_is_another_message,
 );

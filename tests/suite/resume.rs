@@ -1,12 +1,12 @@
 //! History: resume after a disconnect with `since`, backlog with `last`, and
 //! an honest `recovered:false` when history no longer reaches back.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::support::{collect_messages, Topology};
+use crate::support::{collect_messages, Client, Topology};
 
 async fn a_client_resuming_with_since_gets_exactly_what_it_missed_in_order(topology: Topology) {
     let cluster = topology.start(&[]).await;
@@ -162,7 +162,73 @@ async fn messages_published_while_a_resume_is_replayed_arrive_once_and_in_order(
     pumping.await.unwrap();
 }
 
+async fn a_resume_from_past_every_id_is_not_recovered_and_live_messages_still_arrive(
+    topology: Topology,
+) {
+    let cluster = topology.start(&[]).await;
+    let mut writer = cluster.connect("writer").await;
+    let before = writer.publish("f", json!(0)).await;
+    let mut reader = cluster.connect("reader").await;
+    // An id from before a restart whose clock stepped back, or made up.
+    reader
+        .send(json!({"type":"join","room":"f","since":"99999999999999-0"}))
+        .await;
+    let mut replayed = Vec::new();
+    let joined = loop {
+        let frame = reader.recv_reply().await;
+        match frame["type"].as_str() {
+            Some("message") => replayed.push(frame["id"].clone()),
+            Some("joined") => break frame,
+            _ => panic!("unexpected {frame}"),
+        }
+    };
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(
+        replayed,
+        vec![json!(before)],
+        "what there is, as a new joiner"
+    );
+    let live = writer.publish("f", json!(1)).await;
+    assert_eq!(reader.expect("message").await["id"], live.as_str());
+}
+
+/// Joins "j" again with `last: 3`: `joined`'s `replayed`, and the data of
+/// the messages sent before it.
+async fn rejoin_last_3(reader: &mut Client) -> (Value, Vec<Value>) {
+    reader
+        .send(json!({"type":"join","room":"j","last":3,"ref":"again"}))
+        .await;
+    let mut sent = Vec::new();
+    loop {
+        let frame = reader.recv_reply().await;
+        match frame["type"].as_str() {
+            Some("message") => sent.push(frame["data"].clone()),
+            Some("joined") => return (frame["replayed"].clone(), sent),
+            _ => panic!("unexpected {frame}"),
+        }
+    }
+}
+
+async fn a_rejoin_counts_in_replayed_only_what_it_sends(topology: Topology) {
+    let cluster = topology.start(&[]).await;
+    let mut writer = cluster.connect("writer").await;
+    for n in 0..3 {
+        writer.publish("j", json!(n)).await;
+    }
+    let mut reader = cluster.connect("reader").await;
+    reader.join("j").await;
+    // The first join asked for no backlog: all three are new to it.
+    assert_eq!(
+        rejoin_last_3(&mut reader).await,
+        (json!(3), vec![json!(0), json!(1), json!(2)])
+    );
+    // Each message reaches a connection once: nothing is sent again.
+    assert_eq!(rejoin_last_3(&mut reader).await, (json!(0), vec![]));
+}
+
 conformance!(
+    a_resume_from_past_every_id_is_not_recovered_and_live_messages_still_arrive,
+    a_rejoin_counts_in_replayed_only_what_it_sends,
     messages_published_while_a_resume_is_replayed_arrive_once_and_in_order,
     a_client_resuming_with_since_gets_exactly_what_it_missed_in_order,
     resuming_from_before_trimmed_history_says_recovered_false,
