@@ -764,6 +764,15 @@ async fn an_http_client_that_never_reads_its_responses_is_closed_after_the_conne
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_outlives_the_http_connection_timeout() {
+    let node = TestNode::start(&["--http-connection-timeout", "1s"]).await;
+    let mut client = node.connect("long").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    client.send(json!({"type":"ping","ref":1})).await;
+    assert_eq!(client.expect("pong").await["ref"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_racing_a_reconnect_leaves_both_sessions_valid() {
     let node = TestNode::start(&["--jwt-secret", SECRET, "--jwt-leeway", "0s"]).await;
     let short = jwt(json!({"sub":"alice","exp":unix_now()+10}));
