@@ -163,6 +163,12 @@ pub struct Config {
     #[arg(long, env = "UPGRADE_RATE", default_value_t = 1000.0)]
     pub upgrade_rate: f64,
 
+    /// WebSocket upgrades per second one user may make on this node (bursts of ten
+    /// times this, e.g. many tabs reconnecting at once); beyond it, HTTP 429 with
+    /// Retry-After, so one user reconnecting in a loop cannot spend UPGRADE_RATE.
+    #[arg(long, env = "UPGRADE_RATE_PER_USER", default_value_t = 5.0)]
+    pub upgrade_rate_per_user: f64,
+
     /// Comma-separated proxy addresses or CIDRs (e.g. 127.0.0.1,10.0.0.0/8) whose
     /// X-Forwarded-For names the client IP. Others' X-Forwarded-For is ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
@@ -236,6 +242,8 @@ pub enum ConfigError {
     BadRateLimit,
     #[error("UPGRADE_RATE must be a positive number of upgrades per second")]
     BadUpgradeRate,
+    #[error("UPGRADE_RATE_PER_USER must be a positive number of upgrades per second")]
+    BadUpgradeRatePerUser,
     #[error("set JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256), not both")]
     TwoKeys,
     #[error(
@@ -293,6 +301,9 @@ impl Config {
         }
         if !(self.upgrade_rate.is_finite() && self.upgrade_rate > 0.0) {
             return Err(ConfigError::BadUpgradeRate);
+        }
+        if !(self.upgrade_rate_per_user.is_finite() && self.upgrade_rate_per_user > 0.0) {
+            return Err(ConfigError::BadUpgradeRatePerUser);
         }
         api_keys_strong(&self.api_keys)?;
         if !self.redis_cluster_urls.is_empty() && self.redis_prefix.contains(['{', '}']) {

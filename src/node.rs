@@ -44,6 +44,9 @@ pub struct NodeState {
     pub upgrades: std::sync::Mutex<TokenBucket>,
     /// `POST /auth/ticket` per user: one user cannot fill the ticket store.
     pub tickets_per_user: KeyedRate,
+    /// Upgrades per user: one user reconnecting in a loop cannot spend the
+    /// node's `UPGRADE_RATE`.
+    pub upgrades_per_user: KeyedRate,
     pub trusted_proxies: Vec<IpNet>,
     draining: AtomicBool,
     next_conn: AtomicU64,
@@ -204,6 +207,11 @@ impl Node {
                 (config.upgrade_rate * 2.0).max(1.0),
             )),
             tickets_per_user: KeyedRate::new(TICKETS_PER_USER_RATE, TICKETS_PER_USER_BURST),
+            upgrades_per_user: KeyedRate::new(
+                config.upgrade_rate_per_user,
+                // Many tabs reconnecting at once; at least one whole upgrade.
+                (config.upgrade_rate_per_user * 10.0).max(1.0),
+            ),
             trusted_proxies: config
                 .trusted_proxies
                 .iter()

@@ -132,13 +132,22 @@ async fn upgrade(
             "too many connections for this user (MAX_CONNECTIONS_PER_USER)",
         );
     };
+    let now = tokio::time::Instant::now();
+    if !node.upgrades_per_user.try_take(&identity.user, now) {
+        node.stats.upgrade_refused("user_rate");
+        return retry_soon(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many new connections for this user right now; retry shortly",
+        ));
+    }
     // Paced last, after authentication and the per-address and per-user
     // limits: junk upgrades, and a user or address over its limit, cannot
     // use up the budget that real clients reconnecting after a failure need.
     let admitted = node
         .upgrades
         .lock()
-        .map(|mut bucket| bucket.try_take(tokio::time::Instant::now()))
+        .map(|mut bucket| bucket.try_take(now))
         .unwrap_or(false);
     if !admitted {
         node.stats.upgrade_refused("upgrade_rate");

@@ -707,6 +707,28 @@ async fn a_user_over_its_connection_limit_does_not_spend_the_upgrade_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_reconnecting_in_a_loop_is_paced_alone() {
+    let node = TestNode::start(&[]).await;
+    let looper = node.ws_url("user=looper");
+    let mut refused = 0;
+    for _ in 0..80 {
+        match tokio_tungstenite::connect_async(looper.as_str()).await {
+            Ok((socket, _)) => drop(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 429);
+                assert!(response.headers().get("retry-after").is_some());
+                refused += 1;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(refused >= 20, "a burst of 50, then 5/s: {refused} refused");
+    let _alice = node.connect("alice").await;
+    let stats = node.stats().await;
+    assert_eq!(stats["upgrades_refused"]["user_rate"], refused, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_upgrade_rate_still_admits_an_upgrade() {
     let node = TestNode::start(&["--upgrade-rate", "0.4"]).await;
     let _client = node.connect("u").await;

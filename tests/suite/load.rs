@@ -16,6 +16,8 @@ async fn a_thousand_clients_in_one_room_each_receive_every_message_in_order() {
         "2000",
         "--max-connections-per-ip",
         "2000",
+        "--upgrade-rate-per-user",
+        "100000",
     ])
     .await;
     // One user on a thousand devices: a thousand distinct users would add

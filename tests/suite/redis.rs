@@ -263,6 +263,8 @@ async fn a_reconnect_storm_into_one_room_costs_redis_a_handful_of_stream_reads()
             "10000",
             "--upgrade-rate",
             "100000",
+            "--upgrade-rate-per-user",
+            "100000",
         ],
     )
     .await;
