@@ -44,34 +44,51 @@ impl TokenBucket {
 /// that have refilled are forgotten once there are many.
 #[derive(Debug)]
 pub struct KeyedRate {
-    buckets: Mutex<HashMap<String, TokenBucket>>,
+    state: Mutex<Buckets>,
     rate: f64,
     burst: f64,
 }
 
-/// Keys tracked before refilled buckets are swept.
+#[derive(Debug)]
+struct Buckets {
+    by_key: HashMap<String, TokenBucket>,
+    /// Size at which refilled buckets are swept next: twice what a sweep
+    /// left, so sweeping costs O(1) per call even when few buckets go.
+    sweep_at: usize,
+}
+
+/// Keys tracked before refilled buckets are first swept.
 const KEYED_RATE_SWEEP: usize = 10_000;
 
 impl KeyedRate {
     pub fn new(rate: f64, burst: f64) -> Self {
         KeyedRate {
-            buckets: Mutex::new(HashMap::new()),
+            state: Mutex::new(Buckets {
+                by_key: HashMap::new(),
+                sweep_at: KEYED_RATE_SWEEP,
+            }),
             rate,
             burst,
         }
     }
 
     pub fn try_take(&self, key: &str, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= KEYED_RATE_SWEEP && !buckets.contains_key(key) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = state.by_key.get_mut(key) {
+            return bucket.try_take(now);
+        }
+        if state.by_key.len() >= state.sweep_at {
             // A refilled bucket is the same as a new one.
             let full_after = std::time::Duration::from_secs_f64(self.burst / self.rate);
-            buckets.retain(|_, bucket| now.saturating_duration_since(bucket.last) < full_after);
+            state
+                .by_key
+                .retain(|_, bucket| now.saturating_duration_since(bucket.last) < full_after);
+            state.sweep_at = (2 * state.by_key.len()).max(KEYED_RATE_SWEEP);
         }
-        buckets
-            .entry(key.to_string())
-            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
-            .try_take(now)
+        let mut bucket = TokenBucket::new(self.rate, self.burst);
+        let taken = bucket.try_take(now);
+        state.by_key.insert(key.to_string(), bucket);
+        taken
     }
 }
 
